@@ -1,0 +1,534 @@
+//! The coordinator's domain logic, free of gRPC types: enrollment, the registry of connected
+//! agents, directives, revocation and the event log. The `grpc` module only converts and
+//! delegates to [`Coordinator`].
+//!
+//! Link sessions follow these rules:
+//! 1. A node has at most one session. A new one replaces the old, which is told
+//!    [`CloseReason::Replaced`].
+//! 2. A session is admitted only while the node is enrolled and the presented certificate is
+//!    one the coordinator issued to that node and has not revoked.
+//! 3. Revoking a node closes its session with [`CloseReason::Revoked`] at once.
+//! 4. Every state change is written to the database before it is announced as an event.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{info, warn};
+
+use crate::{
+    pki::{CertificateAuthority, IssuedCert, NodeName, PeerCert, PkiError},
+    store::{EventRecord, Facts, HealthRecord, NodeRecord, NodeState, PhaseRecord, Store, StoreError},
+    token::hash_token,
+};
+
+/// Tunables of a running coordinator.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lifetime of node certificates issued by enrollment and renewal.
+    pub node_cert_lifetime: Duration,
+    /// How often agents send unsolicited health reports.
+    pub health_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            node_cert_lifetime: crate::pki::DEFAULT_NODE_CERT_LIFETIME,
+            health_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("the enrollment token is not valid")]
+    TokenUnknown,
+    #[error("the enrollment token expired at {expired_at_unix} (unix time); create a new one with `homelab token create`")]
+    TokenExpired { expired_at_unix: i64 },
+    #[error("the enrollment token was already used at {used_at_unix} (unix time); tokens are single-use")]
+    TokenReused { used_at_unix: i64 },
+    #[error("the enrollment token is bound to node {bound:?}, not {requested:?}")]
+    TokenWrongNode { bound: String, requested: String },
+    #[error("invalid node name")]
+    NodeName(#[source] PkiError),
+    #[error("invalid certificate signing request")]
+    Csr(#[source] PkiError),
+    #[error("state database")]
+    Store(#[from] StoreError),
+}
+
+/// Why a link session was refused or a link request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("node {0} is revoked")]
+    Revoked(String),
+    #[error("certificate {serial} was not issued by this coordinator to node {node}")]
+    UnknownCertificate { node: String, serial: String },
+    #[error("certificate {0} is revoked")]
+    CertificateRevoked(String),
+    #[error("node {0} is not enrolled")]
+    NotEnrolled(String),
+    #[error("no node named {0:?}")]
+    UnknownNode(String),
+    #[error("invalid certificate signing request")]
+    Csr(#[source] PkiError),
+    #[error("state database")]
+    Store(#[from] StoreError),
+}
+
+/// An enrollment as the domain sees it.
+pub struct Enrollment {
+    /// The presented token. Never logged.
+    pub token: String,
+    pub node_name: String,
+    pub csr_pem: String,
+    pub facts: Facts,
+}
+
+/// What the coordinator sends down a link session.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Directive { revision: u64, directive: Directive },
+    Certificate(IssuedCert),
+}
+
+/// Instructions to an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Directive {
+    /// Become `role`; `plan_json` is the install plan.
+    Assignment { role: String, plan_json: String },
+    /// Renew the node certificate now.
+    RenewCertificate,
+    /// Forget the identity and stop.
+    Decommission { reason: String },
+}
+
+/// Why the coordinator ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Replaced,
+    Revoked,
+}
+
+/// The coordinator's end of one agent's link.
+#[derive(Debug)]
+pub struct Session {
+    pub node: NodeName,
+    pub generation: u64,
+    /// Directives and certificates to send to the agent.
+    pub outbound: mpsc::Receiver<Outbound>,
+    /// Resolves when the coordinator ends the session.
+    pub closed: watch::Receiver<Option<CloseReason>>,
+}
+
+struct SessionEntry {
+    generation: u64,
+    outbound: mpsc::Sender<Outbound>,
+    close: watch::Sender<Option<CloseReason>>,
+}
+
+/// Capacity of a session's outbound queue. Directives are rare; a full queue means the agent
+/// stopped reading, and the push reports that instead of blocking.
+const OUTBOUND_CAPACITY: usize = 32;
+/// Capacity of the live event fan-out; a watcher that falls further behind catches up from
+/// the database.
+const EVENT_FANOUT_CAPACITY: usize = 1024;
+
+/// The coordinator.
+pub struct Coordinator {
+    store: Mutex<Store>,
+    ca: CertificateAuthority,
+    settings: Settings,
+    sessions: Mutex<HashMap<NodeName, SessionEntry>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    events: broadcast::Sender<EventRecord>,
+    shutdown: watch::Sender<bool>,
+    started_at_unix: i64,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("ca", &self.ca)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// A coordinator over `store`, signing with `ca`.
+    pub fn new(store: Store, ca: CertificateAuthority, settings: Settings) -> Arc<Self> {
+        let (events, _) = broadcast::channel(EVENT_FANOUT_CAPACITY);
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Self {
+            store: Mutex::new(store),
+            ca,
+            settings,
+            sessions: Mutex::new(HashMap::new()),
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+            events,
+            shutdown,
+            started_at_unix: now_unix(),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    pub fn started_at_unix(&self) -> i64 {
+        self.started_at_unix
+    }
+
+    /// Locks the store. Queries are short and never cross an `.await`.
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        // Invariant: no code panics while holding the lock, so it is never poisoned; if it
+        // were, the data is still consistent because every change is one SQL transaction.
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<NodeName, SessionEntry>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- events -------------------------------------------------------------------------
+
+    /// Records an event durably, then announces it to watchers. A failure to record is logged
+    /// and does not fail the caller: the operation the event describes already happened.
+    pub fn event(&self, node: &str, kind: &str, message: &str) {
+        let result = self
+            .store()
+            .append_event(node, kind, message, now_unix_ms());
+        match result {
+            Ok(event) => {
+                let _ = self.events.send(event);
+            }
+            Err(e) => warn!(error = %crate::error_chain(&e), node, kind, "failed to record event"),
+        }
+    }
+
+    /// Subscribes to events recorded from now on.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+
+    // ---- shutdown -----------------------------------------------------------------------
+
+    /// Tells every long-lived stream to end, so a graceful shutdown can complete.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once shutdown has begun.
+    pub fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|down| *down).await;
+        }
+    }
+
+    // ---- enrollment ---------------------------------------------------------------------
+
+    /// Redeems a one-time token for a node certificate. Each refusal is recorded as an event.
+    pub fn enroll(&self, request: Enrollment) -> Result<IssuedCert, EnrollError> {
+        let result = self.try_enroll(&request);
+        match &result {
+            Ok(issued) => {
+                info!(node = %request.node_name, serial = %issued.serial, "node enrolled");
+                self.event(
+                    &request.node_name,
+                    "node.enrolled",
+                    &format!(
+                        "enrolled (hostname {}, machine-id {}); certificate {} valid until {}",
+                        request.facts.hostname,
+                        request.facts.machine_id,
+                        issued.serial,
+                        issued.not_after_unix
+                    ),
+                );
+            }
+            Err(e) => {
+                let kind = match e {
+                    EnrollError::TokenUnknown => "enroll.token_unknown",
+                    EnrollError::TokenExpired { .. } => "enroll.token_expired",
+                    EnrollError::TokenReused { .. } => "enroll.token_reused",
+                    EnrollError::TokenWrongNode { .. } => "enroll.token_wrong_node",
+                    EnrollError::NodeName(_) => "enroll.bad_node_name",
+                    EnrollError::Csr(_) => "enroll.bad_csr",
+                    EnrollError::Store(_) => "enroll.failed",
+                };
+                let message = crate::error_chain(e);
+                warn!(node = %request.node_name, kind, error = %message, "enrollment refused");
+                self.event(&request.node_name, kind, &message);
+            }
+        }
+        result
+    }
+
+    fn try_enroll(&self, request: &Enrollment) -> Result<IssuedCert, EnrollError> {
+        let now = now_unix();
+        let hash = hash_token(&request.token);
+        let token = self.store().token(&hash)?.ok_or(EnrollError::TokenUnknown)?;
+        if let Some(used_at_unix) = token.used_at_unix {
+            return Err(EnrollError::TokenReused { used_at_unix });
+        }
+        if token.expires_at_unix <= now {
+            return Err(EnrollError::TokenExpired {
+                expired_at_unix: token.expires_at_unix,
+            });
+        }
+        if token.node != request.node_name {
+            return Err(EnrollError::TokenWrongNode {
+                bound: token.node,
+                requested: request.node_name.clone(),
+            });
+        }
+        let node = NodeName::parse(&request.node_name).map_err(EnrollError::NodeName)?;
+        // Sign before touching state: a bad CSR must not burn the token.
+        let issued = self
+            .ca
+            .sign_node_csr(&request.csr_pem, &node, self.settings.node_cert_lifetime)
+            .map_err(EnrollError::Csr)?;
+        let completed = self.store().complete_enrollment(
+            &hash,
+            node.as_str(),
+            &request.facts,
+            &issued.serial,
+            issued.not_after_unix,
+            now,
+        );
+        match completed {
+            Ok(()) => Ok(issued),
+            Err(StoreError::TokenRaced) => Err(EnrollError::TokenReused { used_at_unix: now }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ---- link sessions ------------------------------------------------------------------
+
+    /// Checks that `peer` may hold a link session for its node (rule 2).
+    pub fn admit(&self, node: &NodeName, peer: &PeerCert) -> Result<(), LinkError> {
+        let store = self.store();
+        let record = store
+            .node(node.as_str())?
+            .ok_or_else(|| LinkError::NotEnrolled(node.to_string()))?;
+        match record.state {
+            NodeState::Revoked => return Err(LinkError::Revoked(node.to_string())),
+            NodeState::Pending => return Err(LinkError::NotEnrolled(node.to_string())),
+            NodeState::Enrolled => {}
+        }
+        let cert = store
+            .certificate(&peer.serial)?
+            .filter(|c| c.node == node.as_str())
+            .ok_or_else(|| LinkError::UnknownCertificate {
+                node: node.to_string(),
+                serial: peer.serial.clone(),
+            })?;
+        if cert.revoked_at_unix.is_some() {
+            return Err(LinkError::CertificateRevoked(peer.serial.clone()));
+        }
+        Ok(())
+    }
+
+    /// Opens a session for an admitted node that said hello, replacing any older one.
+    pub fn attach(&self, node: &NodeName, facts: &Facts) -> Result<Session, LinkError> {
+        self.store().touch_node(node.as_str(), Some(facts), now_unix())?;
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (outbound_tx, outbound) = mpsc::channel(OUTBOUND_CAPACITY);
+        let (close, closed) = watch::channel(None);
+        let previous = self.sessions().insert(
+            node.clone(),
+            SessionEntry {
+                generation,
+                outbound: outbound_tx,
+                close,
+            },
+        );
+        if let Some(previous) = previous {
+            previous.close.send_replace(Some(CloseReason::Replaced));
+            self.event(node.as_str(), "node.link_replaced", "a newer link replaced the old one");
+        }
+        info!(node = %node, generation, "agent connected");
+        self.event(node.as_str(), "node.connected", "agent link established");
+        Ok(Session {
+            node: node.clone(),
+            generation,
+            outbound,
+            closed,
+        })
+    }
+
+    /// Ends a session; a no-op if a newer session already replaced it.
+    pub fn detach(&self, node: &NodeName, generation: u64) {
+        let removed = {
+            let mut sessions = self.sessions();
+            match sessions.get(node) {
+                Some(entry) if entry.generation == generation => sessions.remove(node).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            if let Err(e) = self.store().touch_node(node.as_str(), None, now_unix()) {
+                warn!(node = %node, error = %crate::error_chain(&e), "failed to record last seen");
+            }
+            info!(node = %node, generation, "agent disconnected");
+            self.event(node.as_str(), "node.disconnected", "agent link closed");
+        }
+    }
+
+    /// Whether the node has a session now.
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.sessions().keys().any(|n| n.as_str() == node)
+    }
+
+    /// Names of the nodes with a session now.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        self.sessions().keys().map(|n| n.to_string()).collect()
+    }
+
+    /// Pushes a directive to a connected node at once. Returns the revision, or `None` if the
+    /// node is not connected or its queue is full (the agent will get its state on reconnect).
+    pub fn push(&self, node: &str, directive: Directive) -> Result<Option<u64>, LinkError> {
+        let name = NodeName::parse(node).map_err(|_| LinkError::UnknownNode(node.to_owned()))?;
+        let revision = self.store().next_directive_revision(node).map_err(|e| match e {
+            StoreError::UnknownNode(n) => LinkError::UnknownNode(n),
+            other => LinkError::Store(other),
+        })?;
+        let sender = self.sessions().get(&name).map(|s| s.outbound.clone());
+        let Some(sender) = sender else {
+            return Ok(None);
+        };
+        let kind = match &directive {
+            Directive::Assignment { .. } => "assignment",
+            Directive::RenewCertificate => "renew_certificate",
+            Directive::Decommission { .. } => "decommission",
+        };
+        match sender.try_send(Outbound::Directive {
+            revision,
+            directive,
+        }) {
+            Ok(()) => {
+                self.event(node, "directive.sent", &format!("{kind} (revision {revision})"));
+                Ok(Some(revision))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// In-band renewal: signs a CSR from a node on its open link.
+    pub fn renew(&self, node: &NodeName, csr_pem: &str) -> Result<IssuedCert, LinkError> {
+        let issued = self
+            .ca
+            .sign_node_csr(csr_pem, node, self.settings.node_cert_lifetime)
+            .map_err(LinkError::Csr)?;
+        self.store().insert_certificate(
+            node.as_str(),
+            &issued.serial,
+            issued.not_after_unix,
+            now_unix(),
+        )?;
+        info!(node = %node, serial = %issued.serial, "certificate renewed");
+        self.event(
+            node.as_str(),
+            "node.certificate_renewed",
+            &format!(
+                "certificate {} valid until {}",
+                issued.serial, issued.not_after_unix
+            ),
+        );
+        Ok(issued)
+    }
+
+    /// Records a phase report.
+    pub fn report_phase(&self, node: &NodeName, phase: PhaseRecord) -> Result<(), LinkError> {
+        self.store().set_last_phase(node.as_str(), &phase)?;
+        let mut message = format!("{} / {}: {}", phase.phase, phase.step, phase.outcome);
+        if !phase.message.is_empty() {
+            message.push_str(": ");
+            message.push_str(&phase.message);
+        }
+        self.event(node.as_str(), "node.phase", &message);
+        Ok(())
+    }
+
+    /// Records a health report; an event is written only when health changes.
+    pub fn report_health(&self, node: &NodeName, health: HealthRecord) -> Result<(), LinkError> {
+        let changed = {
+            let mut store = self.store();
+            let previous = store.node(node.as_str())?.and_then(|n| n.last_health);
+            store.set_last_health(node.as_str(), &health, now_unix())?;
+            previous.is_none_or(|p| p.healthy != health.healthy || p.detail != health.detail)
+        };
+        if changed {
+            let state = if health.healthy { "healthy" } else { "unhealthy" };
+            self.event(node.as_str(), "node.health", &format!("{state}: {}", health.detail));
+        }
+        Ok(())
+    }
+
+    // ---- operator actions ---------------------------------------------------------------
+
+    /// Revokes a node: its certificates are refused from now on and its session is cut.
+    /// Returns how many certificates were revoked and whether a session was cut.
+    pub fn revoke(&self, node: &str) -> Result<(u32, bool), LinkError> {
+        let revoked = self
+            .store()
+            .revoke_node(node, now_unix())
+            .map_err(|e| match e {
+                StoreError::UnknownNode(n) => LinkError::UnknownNode(n),
+                other => LinkError::Store(other),
+            })?;
+        let cut = match NodeName::parse(node) {
+            Ok(name) => match self.sessions().remove(&name) {
+                Some(entry) => {
+                    entry.close.send_replace(Some(CloseReason::Revoked));
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        };
+        warn!(node, certificates = revoked, stream_cut = cut, "node revoked");
+        self.event(
+            node,
+            "node.revoked",
+            &format!("{revoked} certificate(s) revoked; link cut: {cut}"),
+        );
+        Ok((revoked, cut))
+    }
+
+    /// All nodes as stored.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.store().nodes()
+    }
+
+    /// One node as stored.
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.store().node(name)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,49 @@
+//! `Admin`: operator actions that must reach the running daemon.
+
+use std::sync::Arc;
+
+use homelab_proto::v1::{
+    RequestRenewalRequest, RequestRenewalResponse, RevokeNodeRequest, RevokeNodeResponse,
+    admin_server::Admin,
+};
+use tonic::{Request, Response, Status};
+
+use crate::core::{Coordinator, Directive};
+
+pub(super) struct AdminService {
+    core: Arc<Coordinator>,
+}
+
+impl AdminService {
+    pub(super) fn new(core: Arc<Coordinator>) -> Self {
+        Self { core }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn revoke_node(
+        &self,
+        request: Request<RevokeNodeRequest>,
+    ) -> Result<Response<RevokeNodeResponse>, Status> {
+        let name = request.into_inner().name;
+        let (certificates_revoked, stream_cut) = self.core.revoke(&name)?;
+        Ok(Response::new(RevokeNodeResponse {
+            certificates_revoked,
+            stream_cut,
+        }))
+    }
+
+    async fn request_renewal(
+        &self,
+        request: Request<RequestRenewalRequest>,
+    ) -> Result<Response<RequestRenewalResponse>, Status> {
+        let name = request.into_inner().name;
+        match self.core.push(&name, Directive::RenewCertificate)? {
+            Some(revision) => Ok(Response::new(RequestRenewalResponse { revision })),
+            None => Err(Status::failed_precondition(format!(
+                "node {name} is not connected"
+            ))),
+        }
+    }
+}

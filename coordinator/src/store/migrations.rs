@@ -1,0 +1,85 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` records the last one applied.
+//! Never edit a released step: append a new one.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: nodes, enrollment tokens (hashes only), certificates, events.
+    "CREATE TABLE nodes (
+        name             TEXT PRIMARY KEY,
+        state            TEXT NOT NULL CHECK (state IN ('pending', 'enrolled', 'revoked')),
+        created_at       INTEGER NOT NULL,
+        enrolled_at      INTEGER,
+        last_seen        INTEGER,
+        facts_json       TEXT,
+        last_phase_json  TEXT,
+        last_health_json TEXT,
+        directive_revision INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE tokens (
+        hash       TEXT PRIMARY KEY,   -- SHA-256 of the token, hex; the token itself is never stored
+        node       TEXT NOT NULL REFERENCES nodes (name),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at    INTEGER
+    );
+    CREATE INDEX tokens_node ON tokens (node);
+    CREATE TABLE certificates (
+        serial     TEXT PRIMARY KEY,   -- hex
+        node       TEXT NOT NULL REFERENCES nodes (name),
+        issued_at  INTEGER NOT NULL,
+        not_after  INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE INDEX certificates_node ON certificates (node, issued_at);
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms   INTEGER NOT NULL,
+        node    TEXT NOT NULL DEFAULT '',
+        kind    TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX events_node ON events (node, id);",
+];
+
+/// The schema version this build writes.
+pub(super) const CURRENT: i64 = MIGRATIONS.len() as i64;
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > CURRENT {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: CURRENT,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = index as i64 + 1;
+        let step = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()
+        };
+        step(conn).map_err(|source| StoreError::Migrate { version, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_idempotent_and_refuse_newer_schemas() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, CURRENT);
+        conn.pragma_update(None, "user_version", CURRENT + 1).unwrap();
+        assert!(matches!(migrate(&mut conn), Err(StoreError::SchemaTooNew { .. })));
+    }
+}

@@ -1,0 +1,620 @@
+//! The coordinator's durable state, in one SQLite database (`homelab.db` in the state
+//! directory) that an operator can open with `sqlite3` to inspect.
+//!
+//! Tables: `nodes`, `tokens` (hashes only), `certificates` (serial, expiry, revocation) and
+//! `events`. The schema is versioned with `PRAGMA user_version`; [`migrations`] lists every
+//! step. Every multi-row change runs in one transaction, so a crash between two steps leaves
+//! either the old state or the new one.
+
+mod migrations;
+
+use std::{path::Path, time::Duration};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+/// What went wrong with the state database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to open the state database {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the state database schema version {found} is newer than this homelab ({supported}); upgrade homelab")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("failed to migrate the state database to schema version {version}")]
+    Migrate {
+        version: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database query failed")]
+    Query(#[from] rusqlite::Error),
+    #[error("stored JSON in {what} does not parse")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the enrollment token was used by a concurrent enrollment")]
+    TokenRaced,
+    #[error("no node named {0:?}")]
+    UnknownNode(String),
+}
+
+/// A node's lifecycle state as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// A token was issued; the node has not enrolled.
+    Pending,
+    /// The node holds a certificate.
+    Enrolled,
+    /// Every certificate of the node is refused.
+    Revoked,
+}
+
+impl NodeState {
+    /// The state's name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Enrolled => "enrolled",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, rusqlite::Error> {
+        match s {
+            "pending" => Ok(Self::Pending),
+            "enrolled" => Ok(Self::Enrolled),
+            "revoked" => Ok(Self::Revoked),
+            other => Err(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("state {other:?}"),
+                rusqlite::types::Type::Text,
+            )),
+        }
+    }
+}
+
+/// Facts an agent reports about its machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    pub hostname: String,
+    pub machine_id: String,
+    pub product_uuid: String,
+    pub ip_addresses: Vec<String>,
+    pub os: String,
+    pub agent_version: String,
+}
+
+/// The newest phase report of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub phase: String,
+    pub step: String,
+    /// `started`, `succeeded` or `failed`.
+    pub outcome: String,
+    pub attempt: u32,
+    pub message: String,
+    pub at_unix: i64,
+}
+
+/// The newest health report of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub observed_at_unix: i64,
+    pub healthy: bool,
+    pub detail: String,
+    pub certificate_not_after_unix: i64,
+    pub agent_version: String,
+}
+
+/// One row of `nodes`, with its newest certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub state: NodeState,
+    pub facts: Option<Facts>,
+    pub created_at_unix: i64,
+    pub enrolled_at_unix: Option<i64>,
+    pub last_seen_unix: Option<i64>,
+    pub certificate_serial: Option<String>,
+    pub certificate_not_after_unix: Option<i64>,
+    pub last_phase: Option<PhaseRecord>,
+    pub last_health: Option<HealthRecord>,
+}
+
+/// One row of `tokens`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub node: String,
+    pub created_at_unix: i64,
+    pub expires_at_unix: i64,
+    pub used_at_unix: Option<i64>,
+}
+
+/// One row of `certificates`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub node: String,
+    pub issued_at_unix: i64,
+    pub not_after_unix: i64,
+    pub revoked_at_unix: Option<i64>,
+}
+
+/// One row of `events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventRecord {
+    pub id: i64,
+    pub at_unix_ms: i64,
+    pub node: String,
+    pub kind: String,
+    pub message: String,
+}
+
+/// How long a writer waits for another process (the CLI, the daemon) holding the lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The state database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // WAL lets `homelab token create` write while the daemon reads; NORMAL sync is durable
+        // across process crashes, which is the failure that matters here.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        let mut store = Self { conn };
+        migrations::migrate(&mut store.conn)?;
+        Ok(store)
+    }
+
+    /// Opens a private in-memory database, for unit tests of code above the store.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let mut conn = Connection::open_in_memory()?;
+        migrations::migrate(&mut conn)?;
+        Ok(Self { conn })
+    }
+
+    /// Runs SQLite's `PRAGMA integrity_check`; returns its findings, empty when sound.
+    pub fn integrity_check(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    // ---- tokens -------------------------------------------------------------------------
+
+    /// Stores the hash of a new enrollment token for `node`, creating the node as pending if
+    /// it is new.
+    pub fn insert_token(
+        &mut self,
+        token_hash: &str,
+        node: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO nodes (name, state, created_at) VALUES (?1, 'pending', ?2)
+             ON CONFLICT (name) DO NOTHING",
+            params![node, now],
+        )?;
+        tx.execute(
+            "INSERT INTO tokens (hash, node, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![token_hash, node, now, expires_at],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Looks up a token by its hash.
+    pub fn token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT node, created_at, expires_at, used_at FROM tokens WHERE hash = ?1",
+                [token_hash],
+                |r| {
+                    Ok(TokenRecord {
+                        node: r.get(0)?,
+                        created_at_unix: r.get(1)?,
+                        expires_at_unix: r.get(2)?,
+                        used_at_unix: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Completes an enrollment in one transaction: marks the token used (failing with
+    /// [`StoreError::TokenRaced`] if another enrollment got there first), records the
+    /// certificate, and marks the node enrolled with its facts.
+    pub fn complete_enrollment(
+        &mut self,
+        token_hash: &str,
+        node: &str,
+        facts: &Facts,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let facts_json = to_json(facts);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let claimed = tx.execute(
+            "UPDATE tokens SET used_at = ?2 WHERE hash = ?1 AND used_at IS NULL",
+            params![token_hash, now],
+        )?;
+        if claimed != 1 {
+            return Err(StoreError::TokenRaced);
+        }
+        tx.execute(
+            "INSERT INTO nodes (name, state, created_at, facts_json, enrolled_at)
+             VALUES (?1, 'enrolled', ?2, ?3, ?2)
+             ON CONFLICT (name) DO UPDATE SET state = 'enrolled', facts_json = ?3, enrolled_at = ?2",
+            params![node, now, facts_json],
+        )?;
+        tx.execute(
+            "INSERT INTO certificates (serial, node, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+            params![serial, node, now, not_after],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- certificates -------------------------------------------------------------------
+
+    /// Records a certificate issued by in-band renewal.
+    pub fn insert_certificate(
+        &mut self,
+        node: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO certificates (serial, node, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+            params![serial, node, now, not_after],
+        )?;
+        Ok(())
+    }
+
+    /// Looks up an issued certificate by serial.
+    pub fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT serial, node, issued_at, not_after, revoked_at FROM certificates
+                 WHERE serial = ?1",
+                [serial],
+                |r| {
+                    Ok(CertificateRecord {
+                        serial: r.get(0)?,
+                        node: r.get(1)?,
+                        issued_at_unix: r.get(2)?,
+                        not_after_unix: r.get(3)?,
+                        revoked_at_unix: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Revokes the node and every certificate it holds. Returns how many certificates were
+    /// newly revoked.
+    pub fn revoke_node(&mut self, node: &str, now: i64) -> Result<u32, StoreError> {
+        let tx = self.conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE nodes SET state = 'revoked' WHERE name = ?1",
+            [node],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::UnknownNode(node.to_owned()));
+        }
+        let revoked = tx.execute(
+            "UPDATE certificates SET revoked_at = ?2 WHERE node = ?1 AND revoked_at IS NULL",
+            params![node, now],
+        )?;
+        // A revoked node's unused tokens must not let it back in.
+        tx.execute(
+            "UPDATE tokens SET used_at = ?2 WHERE node = ?1 AND used_at IS NULL",
+            params![node, now],
+        )?;
+        tx.commit()?;
+        Ok(u32::try_from(revoked).unwrap_or(u32::MAX))
+    }
+
+    // ---- nodes --------------------------------------------------------------------------
+
+    /// Allocates the node's next directive revision. Revisions only rise, across restarts.
+    pub fn next_directive_revision(&mut self, node: &str) -> Result<u64, StoreError> {
+        let revision: Option<i64> = self
+            .conn
+            .query_row(
+                "UPDATE nodes SET directive_revision = directive_revision + 1 WHERE name = ?1
+                 RETURNING directive_revision",
+                [node],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let revision = revision.ok_or_else(|| StoreError::UnknownNode(node.to_owned()))?;
+        Ok(u64::try_from(revision).unwrap_or(0))
+    }
+
+    /// Records that a node connected or reported, with the facts it sent.
+    pub fn touch_node(
+        &mut self,
+        node: &str,
+        facts: Option<&Facts>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        match facts {
+            Some(facts) => self.conn.execute(
+                "UPDATE nodes SET last_seen = ?2, facts_json = ?3 WHERE name = ?1",
+                params![node, now, to_json(facts)],
+            )?,
+            None => self.conn.execute(
+                "UPDATE nodes SET last_seen = ?2 WHERE name = ?1",
+                params![node, now],
+            )?,
+        };
+        Ok(())
+    }
+
+    /// Stores a node's newest phase report.
+    pub fn set_last_phase(&mut self, node: &str, phase: &PhaseRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET last_phase_json = ?2, last_seen = ?3 WHERE name = ?1",
+            params![node, to_json(phase), phase.at_unix],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a node's newest health report.
+    pub fn set_last_health(
+        &mut self,
+        node: &str,
+        health: &HealthRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET last_health_json = ?2, last_seen = ?3 WHERE name = ?1",
+            params![node, to_json(health), now],
+        )?;
+        Ok(())
+    }
+
+    /// One node with its newest certificate.
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{NODE_SELECT} WHERE n.name = ?1"))?;
+        let row = stmt.query_row([name], node_from_row).optional()?;
+        row.map(NodeRow::into_record).transpose()
+    }
+
+    /// All nodes, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{NODE_SELECT} ORDER BY n.name"))?;
+        let rows = stmt
+            .query_map([], node_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(NodeRow::into_record).collect()
+    }
+
+    // ---- events -------------------------------------------------------------------------
+
+    /// Appends an event and returns it with its id.
+    pub fn append_event(
+        &mut self,
+        node: &str,
+        kind: &str,
+        message: &str,
+        at_unix_ms: i64,
+    ) -> Result<EventRecord, StoreError> {
+        self.conn.execute(
+            "INSERT INTO events (at_ms, node, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![at_unix_ms, node, kind, message],
+        )?;
+        Ok(EventRecord {
+            id: self.conn.last_insert_rowid(),
+            at_unix_ms,
+            node: node.to_owned(),
+            kind: kind.to_owned(),
+            message: message.to_owned(),
+        })
+    }
+
+    /// Events with an id above `after_id`, oldest first, optionally for one node.
+    pub fn events_after(
+        &self,
+        after_id: i64,
+        node: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, at_ms, node, kind, message FROM events
+             WHERE id > ?1 AND (?2 IS NULL OR node = ?2) ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(params![after_id, node, limit], |r| {
+                Ok(EventRecord {
+                    id: r.get(0)?,
+                    at_unix_ms: r.get(1)?,
+                    node: r.get(2)?,
+                    kind: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
+
+const NODE_SELECT: &str = "SELECT n.name, n.state, n.facts_json, n.created_at, n.enrolled_at,
+        n.last_seen, c.serial, c.not_after, n.last_phase_json, n.last_health_json
+    FROM nodes n
+    LEFT JOIN certificates c ON c.serial = (
+        SELECT serial FROM certificates WHERE node = n.name ORDER BY issued_at DESC, rowid DESC LIMIT 1)";
+
+struct NodeRow {
+    name: String,
+    state: NodeState,
+    facts_json: Option<String>,
+    created_at: i64,
+    enrolled_at: Option<i64>,
+    last_seen: Option<i64>,
+    serial: Option<String>,
+    not_after: Option<i64>,
+    phase_json: Option<String>,
+    health_json: Option<String>,
+}
+
+fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
+    Ok(NodeRow {
+        name: r.get(0)?,
+        state: NodeState::parse(&r.get::<_, String>(1)?)?,
+        facts_json: r.get(2)?,
+        created_at: r.get(3)?,
+        enrolled_at: r.get(4)?,
+        last_seen: r.get(5)?,
+        serial: r.get(6)?,
+        not_after: r.get(7)?,
+        phase_json: r.get(8)?,
+        health_json: r.get(9)?,
+    })
+}
+
+impl NodeRow {
+    fn into_record(self) -> Result<NodeRecord, StoreError> {
+        Ok(NodeRecord {
+            name: self.name,
+            state: self.state,
+            facts: from_json(self.facts_json, "nodes.facts_json")?,
+            created_at_unix: self.created_at,
+            enrolled_at_unix: self.enrolled_at,
+            last_seen_unix: self.last_seen,
+            certificate_serial: self.serial,
+            certificate_not_after_unix: self.not_after,
+            last_phase: from_json(self.phase_json, "nodes.last_phase_json")?,
+            last_health: from_json(self.health_json, "nodes.last_health_json")?,
+        })
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Invariant: the types stored here are plain structs of strings and numbers, which
+    // serde_json always serializes.
+    serde_json::to_string(value).expect("plain struct serializes")
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(
+    json: Option<String>,
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    json.map(|j| serde_json::from_str(&j).map_err(|source| StoreError::Json { what, source }))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            hostname: "k3s-control".into(),
+            machine_id: "abc".into(),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn enrollment_consumes_the_token_exactly_once() {
+        let mut store = Store::open_in_memory().unwrap();
+        store.insert_token("h1", "k3s-control", 100, 200).unwrap();
+        assert_eq!(store.node("k3s-control").unwrap().unwrap().state, NodeState::Pending);
+        store
+            .complete_enrollment("h1", "k3s-control", &facts(), "01ab", 1000, 150)
+            .unwrap();
+        let err = store
+            .complete_enrollment("h1", "k3s-control", &facts(), "02ab", 1000, 151)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::TokenRaced));
+        let node = store.node("k3s-control").unwrap().unwrap();
+        assert_eq!(node.state, NodeState::Enrolled);
+        assert_eq!(node.certificate_serial.as_deref(), Some("01ab"));
+        assert_eq!(node.facts, Some(facts()));
+        assert_eq!(store.token("h1").unwrap().unwrap().used_at_unix, Some(150));
+        assert!(store.certificate("02ab").unwrap().is_none(), "failed enrollment left nothing");
+    }
+
+    #[test]
+    fn revocation_covers_every_certificate_and_unused_token() {
+        let mut store = Store::open_in_memory().unwrap();
+        store.insert_token("h1", "n1", 100, 200).unwrap();
+        store
+            .complete_enrollment("h1", "n1", &facts(), "aa", 1000, 150)
+            .unwrap();
+        store.insert_certificate("n1", "bb", 2000, 160).unwrap();
+        store.insert_token("h2", "n1", 170, 300).unwrap();
+        assert_eq!(store.revoke_node("n1", 180).unwrap(), 2);
+        assert_eq!(store.certificate("aa").unwrap().unwrap().revoked_at_unix, Some(180));
+        assert_eq!(store.certificate("bb").unwrap().unwrap().revoked_at_unix, Some(180));
+        assert!(store.token("h2").unwrap().unwrap().used_at_unix.is_some());
+        let node = store.node("n1").unwrap().unwrap();
+        assert_eq!(node.state, NodeState::Revoked);
+        assert_eq!(node.certificate_serial.as_deref(), Some("bb"), "newest certificate shown");
+        assert!(matches!(store.revoke_node("nope", 1), Err(StoreError::UnknownNode(_))));
+    }
+
+    #[test]
+    fn events_replay_in_order_and_filter_by_node() {
+        let mut store = Store::open_in_memory().unwrap();
+        let a = store.append_event("n1", "node.enrolled", "x", 1).unwrap();
+        store.append_event("n2", "node.enrolled", "y", 2).unwrap();
+        store.append_event("n1", "node.connected", "z", 3).unwrap();
+        let all = store.events_after(0, None, 100).unwrap();
+        assert_eq!(all.len(), 3);
+        let n1 = store.events_after(a.id, Some("n1"), 100).unwrap();
+        assert_eq!(n1.len(), 1);
+        assert_eq!(n1[0].kind, "node.connected");
+    }
+
+    #[test]
+    fn reopening_keeps_state_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("homelab.db");
+        {
+            let mut store = Store::open(&path).unwrap();
+            store.insert_token("h1", "n1", 1, 2).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.token("h1").unwrap().is_some());
+        assert!(store.integrity_check().unwrap().is_empty());
+    }
+}
