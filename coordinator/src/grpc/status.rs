@@ -89,7 +89,18 @@ impl StatusApi for StatusService {
         tokio::spawn(async move {
             let shutdown = core.shutdown_signal();
             tokio::pin!(shutdown);
-            let mut last = request.after_id;
+            let mut last = if request.after_id < 0 {
+                let newest = core.store().newest_event_id();
+                match newest {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                }
+            } else {
+                request.after_id
+            };
             // Replay from the database until caught up.
             loop {
                 let batch = core.store().events_after(last, node.as_deref(), REPLAY_BATCH);

@@ -450,6 +450,13 @@ impl Store {
         })
     }
 
+    /// The id of the newest event, 0 when there is none.
+    pub fn newest_event_id(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+    }
+
     /// Events with an id above `after_id`, oldest first, optionally for one node.
     pub fn events_after(
         &self,

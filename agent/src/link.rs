@@ -1,0 +1,283 @@
+//! The agent's end of `AgentLink.Connect`: one session on one stream.
+//!
+//! Rules, as the agent keeps them:
+//! 1. Say Hello first, with the facts and the highest directive revision applied.
+//! 2. Expect a Welcome; it sets the health report interval.
+//! 3. Report health at once, then every interval.
+//! 4. At two thirds of the certificate's lifetime, or when told to, generate a fresh key and
+//!    send its CSR on the stream. When the certificate arrives, store it and end the session,
+//!    so the next one presents the new certificate.
+//! 5. Acknowledge every directive acted on, and remember its revision.
+
+use std::{
+    fs,
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use homelab_proto::v1::{
+    self as pb, AgentMessage, CoordinatorMessage, agent_link_client::AgentLinkClient,
+    agent_message::Body as Up, coordinator_message::Body as Down,
+};
+use log::{info, warn};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    config::AgentConfig,
+    facts,
+    identity::{Identity, IdentityError, IdentityStore, PendingKey, unix, write_private},
+    transport::{self, TransportError},
+};
+
+/// How long the coordinator has to answer Hello with Welcome.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages buffered toward the coordinator.
+const UPSTREAM_CAPACITY: usize = 16;
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("transport")]
+    Transport(#[from] TransportError),
+    #[error("the coordinator refused the link ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("the link ended ({code:?}): {message}")]
+    Ended { code: tonic::Code, message: String },
+    #[error("the coordinator closed the link")]
+    Closed,
+    #[error("the coordinator sent no Welcome in time")]
+    NoWelcome,
+    #[error("node identity")]
+    Identity(#[from] IdentityError),
+    #[error("failed to write {path}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LinkError {
+    fn from_status(status: &tonic::Status) -> Self {
+        Self::Ended {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// How a session that was established ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// A new certificate is stored; reconnect with it now.
+    Renewed(Identity),
+    /// The coordinator decommissioned this node; the identity is gone.
+    Decommissioned,
+    /// The link broke after working; reconnect with backoff from its first step.
+    Lost(LinkError),
+}
+
+/// Runs one session: connect, hello, then serve until it ends. An error before the Welcome
+/// means the link never came up.
+pub async fn run_session(
+    config: &AgentConfig,
+    ca_pem: &str,
+    identity: &Identity,
+    store: &IdentityStore,
+    on_established: impl FnOnce(),
+) -> Result<SessionEnd, LinkError> {
+    let channel = transport::connect(&config.coordinator_url, ca_pem, Some(identity)).await?;
+    let (tx, rx) = mpsc::channel(UPSTREAM_CAPACITY);
+    let applied_revision = read_applied_revision(&config.state_dir);
+    send(
+        &tx,
+        Up::Hello(pb::Hello {
+            facts: Some(facts::collect(&config.host_root)),
+            applied_revision,
+        }),
+    )
+    .await?;
+    let mut inbound = AgentLinkClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| LinkError::Refused {
+            code: status.code(),
+            message: status.message().to_owned(),
+        })?
+        .into_inner();
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(CoordinatorMessage {
+            body: Some(Down::Welcome(welcome)),
+        }))) => welcome,
+        Ok(Ok(_)) => return Err(LinkError::Closed),
+        Ok(Err(status)) => {
+            return Err(LinkError::Refused {
+                code: status.code(),
+                message: status.message().to_owned(),
+            });
+        }
+        Err(_) => return Err(LinkError::NoWelcome),
+    };
+    info!(
+        "connected to {} as {}",
+        config.coordinator_url, welcome.node_name
+    );
+    on_established();
+    let end = serve(config, identity, store, &tx, &mut inbound, &welcome).await;
+    Ok(end.unwrap_or_else(SessionEnd::Lost))
+}
+
+async fn serve(
+    config: &AgentConfig,
+    identity: &Identity,
+    store: &IdentityStore,
+    tx: &mpsc::Sender<AgentMessage>,
+    inbound: &mut tonic::Streaming<CoordinatorMessage>,
+    welcome: &pb::Welcome,
+) -> Result<SessionEnd, LinkError> {
+    send(
+        tx,
+        Up::Phase(pb::PhaseReport {
+            phase: "ready".into(),
+            step: "waiting for a role".into(),
+            outcome: pb::StepOutcome::Succeeded as i32,
+            attempt: 1,
+            message: String::new(),
+        }),
+    )
+    .await?;
+    send(tx, Up::Health(health(identity))).await?;
+    let interval = Duration::from_secs(u64::from(welcome.health_interval_seconds.max(1)));
+    let mut health_tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let renew_in = identity
+        .renew_at()
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    let renew_timer = tokio::time::sleep(renew_in);
+    tokio::pin!(renew_timer);
+    let mut pending: Option<PendingKey> = None;
+
+    loop {
+        tokio::select! {
+            message = inbound.message() => {
+                let message = match message {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return Err(LinkError::Closed),
+                    Err(status) => return Err(LinkError::from_status(&status)),
+                };
+                match message.body {
+                    Some(Down::Certificate(issued)) => {
+                        let Some(key) = pending.take() else {
+                            warn!("ignoring a certificate that was not asked for");
+                            continue;
+                        };
+                        let renewed = store.save(key, &issued.certificate_chain_pem)?;
+                        info!("certificate renewed: {} valid until {}", renewed.serial, issued.not_after_unix);
+                        return Ok(SessionEnd::Renewed(renewed));
+                    }
+                    Some(Down::Directive(directive)) => {
+                        let revision = directive.revision;
+                        match directive.kind {
+                            Some(pb::directive::Kind::RenewCertificate(_)) => {
+                                info!("coordinator asked for renewal (revision {revision})");
+                                if pending.is_none() {
+                                    let key = PendingKey::generate(&config.node_name)?;
+                                    send(tx, Up::Renew(pb::RenewRequest { csr_pem: key.csr_pem.clone() })).await?;
+                                    pending = Some(key);
+                                }
+                                ack(tx, &config.state_dir, revision, true, "renewal requested").await?;
+                            }
+                            Some(pb::directive::Kind::Assignment(assignment)) => {
+                                info!("assigned role {:?} (revision {revision})", assignment.role);
+                                let path = config.state_dir.join("assignment.json");
+                                let record = serde_json::json!({
+                                    "revision": revision,
+                                    "role": assignment.role,
+                                    "plan": assignment.plan_json,
+                                });
+                                write_private(&path, record.to_string().as_bytes()).map_err(|source| LinkError::State {
+                                    path: path.display().to_string(),
+                                    source,
+                                })?;
+                                ack(tx, &config.state_dir, revision, true, "assignment stored").await?;
+                            }
+                            Some(pb::directive::Kind::Decommission(d)) => {
+                                warn!("decommissioned by the coordinator: {}", d.reason);
+                                ack(tx, &config.state_dir, revision, true, "decommissioned").await?;
+                                store.forget()?;
+                                return Ok(SessionEnd::Decommissioned);
+                            }
+                            None => {
+                                warn!("directive {revision} has no kind this agent knows; upgrade the agent");
+                                ack(tx, &config.state_dir, revision, false, "unknown directive").await?;
+                            }
+                        }
+                    }
+                    Some(Down::Welcome(_)) | None => {}
+                }
+            }
+            () = &mut renew_timer, if pending.is_none() => {
+                info!("certificate {} reached two thirds of its lifetime; renewing", identity.serial);
+                let key = PendingKey::generate(&config.node_name)?;
+                send(tx, Up::Renew(pb::RenewRequest { csr_pem: key.csr_pem.clone() })).await?;
+                pending = Some(key);
+                // Ask again one interval later if no certificate arrives.
+                renew_timer.as_mut().reset(tokio::time::Instant::now() + interval);
+            }
+            _ = health_tick.tick() => {
+                send(tx, Up::Health(health(identity))).await?;
+            }
+        }
+    }
+}
+
+fn health(identity: &Identity) -> pb::HealthReport {
+    pb::HealthReport {
+        observed_at_unix: unix(SystemTime::now()),
+        healthy: true,
+        detail: "agent running; no role assigned".into(),
+        certificate_not_after_unix: identity.not_after_unix(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+async fn send(tx: &mpsc::Sender<AgentMessage>, body: Up) -> Result<(), LinkError> {
+    tx.send(AgentMessage { body: Some(body) })
+        .await
+        .map_err(|_| LinkError::Closed)
+}
+
+async fn ack(
+    tx: &mpsc::Sender<AgentMessage>,
+    state_dir: &Path,
+    revision: u64,
+    ok: bool,
+    message: &str,
+) -> Result<(), LinkError> {
+    if ok {
+        let path = state_dir.join("applied-revision");
+        write_private(&path, revision.to_string().as_bytes()).map_err(|source| {
+            LinkError::State {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+    }
+    send(
+        tx,
+        Up::Ack(pb::DirectiveAck {
+            revision,
+            ok,
+            message: message.to_owned(),
+        }),
+    )
+    .await
+}
+
+fn read_applied_revision(state_dir: &Path) -> u64 {
+    fs::read_to_string(state_dir.join("applied-revision"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
