@@ -85,7 +85,7 @@ pub async fn enroll(
                 tonic::Code::Unauthenticated
                 | tonic::Code::PermissionDenied
                 | tonic::Code::InvalidArgument
-                | tonic::Code::ResourceExhausted => EnrollError::Refused { code, message },
+                | tonic::Code::OutOfRange => EnrollError::Refused { code, message },
                 _ => EnrollError::Failed { code, message },
             }
         })?

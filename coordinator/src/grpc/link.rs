@@ -19,6 +19,7 @@ use super::{
 use crate::{
     core::{CloseReason, Coordinator, Directive, Outbound, Session, now_unix},
     error_chain,
+    pki::NodeName,
 };
 
 /// An agent that opens a stream must say hello within this time.
@@ -138,19 +139,13 @@ async fn run_session(
                         break None;
                     }
                 }
-                None => break None,
+                // The coordinator dropped the session: closed says why.
+                None => break close_status(&node, *session.closed.borrow()),
             },
             changed = session.closed.changed() => {
                 let reason = *session.closed.borrow();
-                match (changed, reason) {
-                    (_, Some(CloseReason::Replaced)) => {
-                        break Some(Status::aborted("a newer link for this node replaced this one"));
-                    }
-                    (_, Some(CloseReason::Revoked)) => {
-                        break Some(Status::permission_denied(format!("node {node} was revoked")));
-                    }
-                    (Err(_), None) => break None,
-                    (Ok(()), None) => {}
+                if reason.is_some() || changed.is_err() {
+                    break close_status(&node, reason);
                 }
             },
             () = &mut expiry => {
@@ -164,6 +159,18 @@ async fn run_session(
         let _ = tx.send(Err(status)).await;
     }
     core.detach(&node, session.generation);
+}
+
+fn close_status(node: &NodeName, reason: Option<CloseReason>) -> Option<Status> {
+    match reason {
+        Some(CloseReason::Replaced) => Some(Status::aborted(
+            "a newer link for this node replaced this one",
+        )),
+        Some(CloseReason::Revoked) => Some(Status::permission_denied(format!(
+            "node {node} was revoked"
+        ))),
+        None => None,
+    }
 }
 
 fn handle_upstream(
