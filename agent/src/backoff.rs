@@ -70,6 +70,10 @@ mod tests {
         assert!(max.next_delay() <= BASE);
 
         let mut min = Backoff::with_jitter(BASE, CAP, || 0.0);
-        assert_eq!(min.next_delay(), BASE / 2, "jitter never goes below half the step");
+        assert_eq!(
+            min.next_delay(),
+            BASE / 2,
+            "jitter never goes below half the step"
+        );
     }
 }

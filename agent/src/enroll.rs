@@ -15,7 +15,9 @@ use crate::{
 /// Why enrollment failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("no enrollment token at {path}; create one with `homelab token create NODE` and put it there")]
+    #[error(
+        "no enrollment token at {path}; create one with `homelab token create NODE` and put it there"
+    )]
     NoToken { path: PathBuf },
     #[error("failed to read the enrollment token {path}")]
     ReadToken {

@@ -181,11 +181,9 @@ impl IdentityStore {
     pub fn save(&self, key: PendingKey, chain_pem: &str) -> Result<Identity, IdentityError> {
         let (serial, not_after) = leaf_facts(chain_pem).ok_or(IdentityError::BadCertificate)?;
         let contents = format!("{}{}", chain_pem, key.key_pem);
-        write_private(&self.path, contents.as_bytes()).map_err(|source| {
-            IdentityError::Write {
-                path: self.path.clone(),
-                source,
-            }
+        write_private(&self.path, contents.as_bytes()).map_err(|source| IdentityError::Write {
+            path: self.path.clone(),
+            source,
         })?;
         Ok(Identity {
             chain_pem: chain_pem.to_owned(),
@@ -213,7 +211,9 @@ impl IdentityStore {
 fn split_identity(text: &str) -> Option<(String, String)> {
     let key_start = text.find("-----BEGIN PRIVATE KEY-----")?;
     let (chain, key) = text.split_at(key_start);
-    chain.contains("-----BEGIN CERTIFICATE-----").then(|| (chain.to_owned(), key.to_owned()))
+    chain
+        .contains("-----BEGIN CERTIFICATE-----")
+        .then(|| (chain.to_owned(), key.to_owned()))
 }
 
 /// Serial (hex) and expiry of the first certificate in a PEM chain.
@@ -225,7 +225,9 @@ fn leaf_facts(chain_pem: &str) -> Option<(String, SystemTime)> {
         .skip(1)
         .take_while(|l| !l.starts_with("-----END"))
         .collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(body).ok()?;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()?;
     let (_, cert) = X509Certificate::from_der(&der).ok()?;
     let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
     Some((
@@ -285,7 +287,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let renew_in = loaded.renew_at().duration_since(loaded.issued_at).unwrap();
         let secs = renew_in.as_secs();
-        assert!((7190..=7210).contains(&secs), "renew after 2h of 3h, got {secs}s");
+        assert!(
+            (7190..=7210).contains(&secs),
+            "renew after 2h of 3h, got {secs}s"
+        );
         store.forget().unwrap();
         assert!(store.load().unwrap().is_none());
     }

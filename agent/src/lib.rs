@@ -43,7 +43,9 @@ pub enum AgentError {
     Enroll(#[from] EnrollError),
     #[error("node identity")]
     Identity(#[from] IdentityError),
-    #[error("the node certificate expired and there is no enrollment token at {path}; create one with `homelab token create` to enroll again")]
+    #[error(
+        "the node certificate expired and there is no enrollment token at {path}; create one with `homelab token create` to enroll again"
+    )]
     ExpiredWithoutToken { path: std::path::PathBuf },
 }
 
@@ -128,7 +130,13 @@ async fn run_forever(config: &AgentConfig, mut on_ready: impl FnMut()) -> Result
             Err(e) => {
                 let delay = backoff.next_delay();
                 let text = chain(&e);
-                if matches!(e, link::LinkError::Refused { code: tonic::Code::PermissionDenied, .. }) {
+                if matches!(
+                    e,
+                    link::LinkError::Refused {
+                        code: tonic::Code::PermissionDenied,
+                        ..
+                    }
+                ) {
                     error!("{text}; retrying in {delay:.1?}");
                 } else {
                     warn!("{text}; retrying in {delay:.1?}");

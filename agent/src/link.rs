@@ -149,7 +149,8 @@ async fn serve(
     .await?;
     send(tx, Up::Health(health(identity))).await?;
     let interval = Duration::from_secs(u64::from(welcome.health_interval_seconds.max(1)));
-    let mut health_tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut health_tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let renew_in = identity
         .renew_at()
         .duration_since(SystemTime::now())

@@ -47,21 +47,21 @@ fn main() -> ExitCode {
     config.ca_cert = args.ca_cert.unwrap_or(config.ca_cert);
     config.host_root = args.host_root.unwrap_or(config.host_root);
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             log::error!("failed to start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), AgentError> = runtime.block_on(homelab_agent::run(
-        config,
-        shutdown_signal(),
-        || {
+    let result: Result<(), AgentError> =
+        runtime.block_on(homelab_agent::run(config, shutdown_signal(), || {
             // Tell systemd (Type=notify) the agent is up; a no-op when not under systemd.
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        },
-    ));
+        }));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

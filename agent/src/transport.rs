@@ -31,8 +31,8 @@ pub async fn connect(
     ca_pem: &str,
     identity: Option<&Identity>,
 ) -> Result<Channel, TransportError> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).map_err(|_| TransportError::BadUrl(url.to_owned()))?;
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|_| TransportError::BadUrl(url.to_owned()))?;
     let host = endpoint
         .uri()
         .host()
@@ -42,7 +42,10 @@ pub async fn connect(
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(host);
     if let Some(identity) = identity {
-        tls = tls.identity(TlsIdentity::from_pem(&identity.chain_pem, identity.key_pem()));
+        tls = tls.identity(TlsIdentity::from_pem(
+            &identity.chain_pem,
+            identity.key_pem(),
+        ));
     }
     let connect_err = |source| TransportError::Connect {
         url: url.to_owned(),

@@ -21,7 +21,9 @@ use tracing::{info, warn};
 
 use crate::{
     pki::{CertificateAuthority, IssuedCert, NodeName, PeerCert, PkiError},
-    store::{EventRecord, Facts, HealthRecord, NodeRecord, NodeState, PhaseRecord, Store, StoreError},
+    store::{
+        EventRecord, Facts, HealthRecord, NodeRecord, NodeState, PhaseRecord, Store, StoreError,
+    },
     token::hash_token,
 };
 
@@ -48,9 +50,13 @@ impl Default for Settings {
 pub enum EnrollError {
     #[error("the enrollment token is not valid")]
     TokenUnknown,
-    #[error("the enrollment token expired at {expired_at_unix} (unix time); create a new one with `homelab token create`")]
+    #[error(
+        "the enrollment token expired at {expired_at_unix} (unix time); create a new one with `homelab token create`"
+    )]
     TokenExpired { expired_at_unix: i64 },
-    #[error("the enrollment token was already used at {used_at_unix} (unix time); tokens are single-use")]
+    #[error(
+        "the enrollment token was already used at {used_at_unix} (unix time); tokens are single-use"
+    )]
     TokenReused { used_at_unix: i64 },
     #[error("the enrollment token is bound to node {bound:?}, not {requested:?}")]
     TokenWrongNode { bound: String, requested: String },
@@ -277,7 +283,10 @@ impl Coordinator {
     fn try_enroll(&self, request: &Enrollment) -> Result<IssuedCert, EnrollError> {
         let now = now_unix();
         let hash = hash_token(&request.token);
-        let token = self.store().token(&hash)?.ok_or(EnrollError::TokenUnknown)?;
+        let token = self
+            .store()
+            .token(&hash)?
+            .ok_or(EnrollError::TokenUnknown)?;
         if let Some(used_at_unix) = token.used_at_unix {
             return Err(EnrollError::TokenReused { used_at_unix });
         }
@@ -341,7 +350,8 @@ impl Coordinator {
 
     /// Opens a session for an admitted node that said hello, replacing any older one.
     pub fn attach(&self, node: &NodeName, facts: &Facts) -> Result<Session, LinkError> {
-        self.store().touch_node(node.as_str(), Some(facts), now_unix())?;
+        self.store()
+            .touch_node(node.as_str(), Some(facts), now_unix())?;
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -357,7 +367,11 @@ impl Coordinator {
         );
         if let Some(previous) = previous {
             previous.close.send_replace(Some(CloseReason::Replaced));
-            self.event(node.as_str(), "node.link_replaced", "a newer link replaced the old one");
+            self.event(
+                node.as_str(),
+                "node.link_replaced",
+                "a newer link replaced the old one",
+            );
         }
         info!(node = %node, generation, "agent connected");
         self.event(node.as_str(), "node.connected", "agent link established");
@@ -401,10 +415,13 @@ impl Coordinator {
     /// node is not connected or its queue is full (the agent will get its state on reconnect).
     pub fn push(&self, node: &str, directive: Directive) -> Result<Option<u64>, LinkError> {
         let name = NodeName::parse(node).map_err(|_| LinkError::UnknownNode(node.to_owned()))?;
-        let revision = self.store().next_directive_revision(node).map_err(|e| match e {
-            StoreError::UnknownNode(n) => LinkError::UnknownNode(n),
-            other => LinkError::Store(other),
-        })?;
+        let revision = self
+            .store()
+            .next_directive_revision(node)
+            .map_err(|e| match e {
+                StoreError::UnknownNode(n) => LinkError::UnknownNode(n),
+                other => LinkError::Store(other),
+            })?;
         let sender = self.sessions().get(&name).map(|s| s.outbound.clone());
         let Some(sender) = sender else {
             return Ok(None);
@@ -419,7 +436,11 @@ impl Coordinator {
             directive,
         }) {
             Ok(()) => {
-                self.event(node, "directive.sent", &format!("{kind} (revision {revision})"));
+                self.event(
+                    node,
+                    "directive.sent",
+                    &format!("{kind} (revision {revision})"),
+                );
                 Ok(Some(revision))
             }
             Err(_) => Ok(None),
@@ -471,8 +492,16 @@ impl Coordinator {
             previous.is_none_or(|p| p.healthy != health.healthy || p.detail != health.detail)
         };
         if changed {
-            let state = if health.healthy { "healthy" } else { "unhealthy" };
-            self.event(node.as_str(), "node.health", &format!("{state}: {}", health.detail));
+            let state = if health.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            self.event(
+                node.as_str(),
+                "node.health",
+                &format!("{state}: {}", health.detail),
+            );
         }
         Ok(())
     }
@@ -499,7 +528,12 @@ impl Coordinator {
             },
             Err(_) => false,
         };
-        warn!(node, certificates = revoked, stream_cut = cut, "node revoked");
+        warn!(
+            node,
+            certificates = revoked,
+            stream_cut = cut,
+            "node revoked"
+        );
         self.event(
             node,
             "node.revoked",

@@ -56,9 +56,13 @@ pub enum PkiError {
     CsrSignature,
     #[error("the certificate signing request uses an unsupported algorithm or extension")]
     CsrUnsupported,
-    #[error("the certificate signing request's subject common name {found:?} is not the node name {expected:?}")]
+    #[error(
+        "the certificate signing request's subject common name {found:?} is not the node name {expected:?}"
+    )]
     CsrNameMismatch { expected: String, found: String },
-    #[error("{0:?} is not a valid node name: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'")]
+    #[error(
+        "{0:?} is not a valid node name: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+    )]
     InvalidNodeName(String),
     #[error("the peer certificate does not parse")]
     PeerCertMalformed,
@@ -214,10 +218,9 @@ impl CertificateAuthority {
         ];
         set_validity(&mut params, CA_LIFETIME);
         params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key).map_err(|source| PkiError::Sign {
-            what: "CA",
-            source,
-        })?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| PkiError::Sign { what: "CA", source })?;
         let ca = Self {
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
@@ -236,10 +239,11 @@ impl CertificateAuthority {
             what: "certificate",
             source: rcgen::Error::CouldNotParseCertificate,
         })?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| PkiError::LoadCa {
-            what: "certificate",
-            source,
-        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| PkiError::LoadCa {
+                what: "certificate",
+                source,
+            })?;
         Ok(Self {
             cert_pem: cert_pem.to_owned(),
             cert_der,

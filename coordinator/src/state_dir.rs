@@ -124,18 +124,38 @@ impl StateDir {
             self.write(&self.ca_cert(), ca.cert_pem().as_bytes(), fsutil::PUBLIC)?;
             (ca, true)
         };
-        let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        let mut sans = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
         for san in extra_sans {
             if !sans.contains(san) {
                 sans.push(san.clone());
             }
         }
         let server = ca.issue_server(&sans)?;
-        self.write(&self.server_key(), server.key_pem.as_bytes(), fsutil::PRIVATE)?;
-        self.write(&self.server_cert(), server.cert_pem.as_bytes(), fsutil::PUBLIC)?;
+        self.write(
+            &self.server_key(),
+            server.key_pem.as_bytes(),
+            fsutil::PRIVATE,
+        )?;
+        self.write(
+            &self.server_cert(),
+            server.cert_pem.as_bytes(),
+            fsutil::PUBLIC,
+        )?;
         let operator = ca.issue_operator("admin")?;
-        self.write(&self.operator_key(), operator.key_pem.as_bytes(), fsutil::PRIVATE)?;
-        self.write(&self.operator_cert(), operator.cert_pem.as_bytes(), fsutil::PUBLIC)?;
+        self.write(
+            &self.operator_key(),
+            operator.key_pem.as_bytes(),
+            fsutil::PRIVATE,
+        )?;
+        self.write(
+            &self.operator_cert(),
+            operator.cert_pem.as_bytes(),
+            fsutil::PUBLIC,
+        )?;
         drop(self.open_store()?);
         Ok(InitReport {
             state_dir: self.root.clone(),
@@ -205,7 +225,12 @@ mod tests {
         let state = StateDir::new(dir.path().join("state"));
         let first = state.init(&["192.168.0.10".into()], false).unwrap();
         assert!(first.created_ca);
-        for key in [state.ca_key(), state.server_key(), state.operator_key(), state.database()] {
+        for key in [
+            state.ca_key(),
+            state.server_key(),
+            state.operator_key(),
+            state.database(),
+        ] {
             let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }

@@ -9,10 +9,11 @@ use std::time::Duration;
 use common::{InProcess, key_and_csr};
 use homelab::{core::Settings, pki::NodeName};
 use homelab_proto::v1::{
-    self as pb, AgentMessage, EnrollRequest, GetNodeRequest, ListNodesRequest, RequestRenewalRequest,
-    RevokeNodeRequest, admin_client::AdminClient, agent_link_client::AgentLinkClient,
-    agent_message::Body as Up, coordinator_message::Body as Down,
-    enrollment_client::EnrollmentClient, status_client::StatusClient,
+    self as pb, AgentMessage, EnrollRequest, GetNodeRequest, ListNodesRequest,
+    RequestRenewalRequest, RevokeNodeRequest, admin_client::AdminClient,
+    agent_link_client::AgentLinkClient, agent_message::Body as Up,
+    coordinator_message::Body as Down, enrollment_client::EnrollmentClient,
+    status_client::StatusClient,
 };
 use tokio::{io::AsyncWriteExt, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,7 +45,13 @@ async fn enroll(c: &InProcess, node: &str) -> (String, String) {
 async fn link(
     c: &InProcess,
     identity: (&str, &str),
-) -> Result<(mpsc::Sender<AgentMessage>, Streaming<pb::CoordinatorMessage>), tonic::Status> {
+) -> Result<
+    (
+        mpsc::Sender<AgentMessage>,
+        Streaming<pb::CoordinatorMessage>,
+    ),
+    tonic::Status,
+> {
     let channel = c
         .channel(Some(identity))
         .await
@@ -102,7 +109,11 @@ async fn certificate_from_a_foreign_ca_fails_the_handshake() {
     let node = NodeName::parse("k3s-node-1").unwrap();
     let now = time::OffsetDateTime::now_utc();
     let cert = foreign
-        .issue_node_for_testing(&node, now - time::Duration::hours(1), now + time::Duration::hours(1))
+        .issue_node_for_testing(
+            &node,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+        )
         .unwrap();
     let result = match c.channel(Some((&cert.cert_pem, &cert.key_pem))).await {
         Err(e) => Err(e.to_string()),
@@ -130,7 +141,11 @@ async fn expired_certificate_fails_the_handshake() {
     let cert = c
         .core
         .ca()
-        .issue_node_for_testing(&node, now - time::Duration::hours(2), now - time::Duration::hours(1))
+        .issue_node_for_testing(
+            &node,
+            now - time::Duration::hours(2),
+            now - time::Duration::hours(1),
+        )
         .unwrap();
     let result = match c.channel(Some((&cert.cert_pem, &cert.key_pem))).await {
         Err(e) => Err(e.to_string()),
@@ -162,7 +177,10 @@ async fn revoked_node_is_cut_at_once_and_refused_afterwards() {
         .into_inner();
     assert_eq!(response.certificates_revoked, 1);
     assert!(response.stream_cut);
-    let ended = tokio::time::timeout(WAIT, down.message()).await.unwrap().unwrap_err();
+    let ended = tokio::time::timeout(WAIT, down.message())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
     let again = link(&c, (&chain, &key)).await.unwrap_err();
     assert_eq!(again.code(), Code::PermissionDenied, "{again:?}");
@@ -190,7 +208,10 @@ async fn reused_token_is_refused_with_its_own_error_and_event() {
     let err = enroll_status(&c, token, "k3s-node-1", csr).await;
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("already used"), "{err:?}");
-    assert!(c.event_kinds("k3s-node-1").contains(&"enroll.token_reused".to_owned()));
+    assert!(
+        c.event_kinds("k3s-node-1")
+            .contains(&"enroll.token_reused".to_owned())
+    );
     c.stop().await;
 }
 
@@ -202,7 +223,10 @@ async fn expired_token_is_refused_with_its_own_error_and_event() {
     let err = enroll_status(&c, token, "k3s-node-1", csr).await;
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("expired"), "{err:?}");
-    assert!(c.event_kinds("k3s-node-1").contains(&"enroll.token_expired".to_owned()));
+    assert!(
+        c.event_kinds("k3s-node-1")
+            .contains(&"enroll.token_expired".to_owned())
+    );
     c.stop().await;
 }
 
@@ -213,8 +237,14 @@ async fn token_for_another_node_is_refused_with_its_own_error_and_event() {
     let (_, csr) = key_and_csr("k3s-node-2");
     let err = enroll_status(&c, token.clone(), "k3s-node-2", csr).await;
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("bound to node \"k3s-node-1\""), "{err:?}");
-    assert!(c.event_kinds("k3s-node-2").contains(&"enroll.token_wrong_node".to_owned()));
+    assert!(
+        err.message().contains("bound to node \"k3s-node-1\""),
+        "{err:?}"
+    );
+    assert!(
+        c.event_kinds("k3s-node-2")
+            .contains(&"enroll.token_wrong_node".to_owned())
+    );
     // The refusal did not burn the token for its rightful node.
     let (_, csr) = key_and_csr("k3s-node-1");
     EnrollmentClient::new(c.channel(None).await.unwrap())
@@ -275,7 +305,10 @@ async fn malformed_csr_is_invalid_argument_and_does_not_burn_the_token() {
     let token = c.token("k3s-node-1", 3600);
     let err = enroll_status(&c, token.clone(), "k3s-node-1", "garbage".into()).await;
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("certificate signing request"), "{err:?}");
+    assert!(
+        err.message().contains("certificate signing request"),
+        "{err:?}"
+    );
     let (_, wrong_name) = key_and_csr("k3s-node-2");
     let err = enroll_status(&c, token.clone(), "k3s-node-1", wrong_name).await;
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -290,7 +323,10 @@ async fn malformed_csr_is_invalid_argument_and_does_not_burn_the_token() {
         })
         .await
         .expect("the token still works after refused CSRs");
-    assert!(c.event_kinds("k3s-node-1").contains(&"enroll.bad_csr".to_owned()));
+    assert!(
+        c.event_kinds("k3s-node-1")
+            .contains(&"enroll.bad_csr".to_owned())
+    );
     c.stop().await;
 }
 
@@ -298,10 +334,19 @@ async fn malformed_csr_is_invalid_argument_and_does_not_burn_the_token() {
 async fn oversized_message_is_refused_with_the_sizes_named() {
     let c = InProcess::start(Settings::default()).await;
     let token = c.token("k3s-node-1", 3600);
-    let err = enroll_status(&c, token, "k3s-node-1", "x".repeat(homelab::grpc::MAX_MESSAGE_BYTES + 1)).await;
+    let err = enroll_status(
+        &c,
+        token,
+        "k3s-node-1",
+        "x".repeat(homelab::grpc::MAX_MESSAGE_BYTES + 1),
+    )
+    .await;
     // tonic reports a message over the decoding limit as OUT_OF_RANGE, naming both sizes.
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-    assert!(err.message().contains("the limit is: 65536 bytes"), "{err:?}");
+    assert!(
+        err.message().contains("the limit is: 65536 bytes"),
+        "{err:?}"
+    );
     // Nothing was consumed: the daemon still serves.
     StatusClient::new(c.operator_channel().await)
         .list_nodes(ListNodesRequest {})
@@ -315,7 +360,9 @@ async fn garbage_bytes_on_the_port_do_not_disturb_the_daemon() {
     let c = InProcess::start(Settings::default()).await;
     for _ in 0..5 {
         let mut raw = tokio::net::TcpStream::connect(c.address).await.unwrap();
-        let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let garbage: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         let _ = raw.write_all(&garbage).await;
         let _ = raw.shutdown().await;
     }
@@ -387,7 +434,10 @@ async fn directives_are_pushed_to_a_connected_agent() {
     match message.body {
         Some(Down::Directive(d)) => {
             assert_eq!(d.revision, revision);
-            assert!(matches!(d.kind, Some(pb::directive::Kind::RenewCertificate(_))));
+            assert!(matches!(
+                d.kind,
+                Some(pb::directive::Kind::RenewCertificate(_))
+            ));
         }
         other => panic!("expected a directive, got {other:?}"),
     }
@@ -400,7 +450,10 @@ async fn a_newer_link_replaces_the_older_one() {
     let (chain, key) = enroll(&c, "k3s-node-1").await;
     let (_tx1, mut first) = link(&c, (&chain, &key)).await.unwrap();
     let (_tx2, _second) = link(&c, (&chain, &key)).await.unwrap();
-    let ended = tokio::time::timeout(WAIT, first.message()).await.unwrap().unwrap_err();
+    let ended = tokio::time::timeout(WAIT, first.message())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
     assert!(c.core.is_connected("k3s-node-1"));
     c.stop().await;
@@ -439,8 +492,16 @@ async fn health_service_and_reflection_answer_generic_tools() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["homelab.v1.Enrollment", "homelab.v1.AgentLink", "homelab.v1.Status", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    for expected in [
+        "homelab.v1.Enrollment",
+        "homelab.v1.AgentLink",
+        "homelab.v1.Status",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
     }
     c.stop().await;
 }
@@ -451,13 +512,19 @@ async fn graceful_shutdown_ends_open_links_and_watches() {
     let (chain, key) = enroll(&c, "k3s-node-1").await;
     let (_tx, mut down) = link(&c, (&chain, &key)).await.unwrap();
     let mut watch = StatusClient::new(c.operator_channel().await)
-        .watch_events(pb::WatchEventsRequest { after_id: 0, node: String::new() })
+        .watch_events(pb::WatchEventsRequest {
+            after_id: 0,
+            node: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     c.stop().await;
     let ended = tokio::time::timeout(WAIT, down.message()).await.unwrap();
-    assert!(matches!(ended, Err(ref s) if s.code() == Code::Unavailable) || matches!(ended, Ok(None)), "{ended:?}");
+    assert!(
+        matches!(ended, Err(ref s) if s.code() == Code::Unavailable) || matches!(ended, Ok(None)),
+        "{ended:?}"
+    );
     // The watch stream ends (rather than hanging) once the coordinator has stopped.
     let end = tokio::time::timeout(WAIT, async {
         loop {

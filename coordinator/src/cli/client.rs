@@ -48,7 +48,9 @@ pub(super) async fn channel(ctx: &Context) -> anyhow::Result<Channel> {
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
-        .with_context(|| format!("cannot reach the coordinator at {url}; is `homelab serve` running?"))
+        .with_context(|| {
+            format!("cannot reach the coordinator at {url}; is `homelab serve` running?")
+        })
 }
 
 pub(super) async fn status_client(ctx: &Context) -> anyhow::Result<StatusClient<Channel>> {

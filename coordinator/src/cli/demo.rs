@@ -82,12 +82,21 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         coordinator: Some(format!("https://{address}")),
         output: ctx.output,
     };
-    say(ctx, &format!("Coordinator listening on https://{address} (state in {})", state.root().display()));
+    say(
+        ctx,
+        &format!(
+            "Coordinator listening on https://{address} (state in {})",
+            state.root().display()
+        ),
+    );
 
     // Follow events from the start, before any agent exists.
     let mut events = client::status_client(&demo_ctx)
         .await?
-        .watch_events(WatchEventsRequest { after_id: 0, node: String::new() })
+        .watch_events(WatchEventsRequest {
+            after_id: 0,
+            node: String::new(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -98,7 +107,13 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         write_agent_files(&state, &node_dir, name, &format!("https://{address}"))?;
         agents.push(spawn_agent(&agent_bin, &node_dir)?);
     }
-    say(ctx, &format!("Started {} agents; each enrolls with its one-time token, then connects over mTLS.\n", agents.len()));
+    say(
+        ctx,
+        &format!(
+            "Started {} agents; each enrolls with its one-time token, then connects over mTLS.\n",
+            agents.len()
+        ),
+    );
 
     let mut connected = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + args.timeout;
@@ -109,14 +124,19 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let event = tokio::time::timeout_at(deadline, events.message()).await;
         match event {
             Err(_) => {
-                let missing: Vec<_> = NODE_NAMES.iter().filter(|n| !connected.contains(**n)).collect();
+                let missing: Vec<_> = NODE_NAMES
+                    .iter()
+                    .filter(|n| !connected.contains(**n))
+                    .collect();
                 break Err(anyhow::anyhow!(
                     "agents {missing:?} did not connect within {:?}; their logs are in {}/agents/NAME/agent.log",
                     args.timeout,
                     dir.display()
                 ));
             }
-            Ok(Err(status)) => break Err(anyhow::anyhow!("event stream failed: {}", status.message())),
+            Ok(Err(status)) => {
+                break Err(anyhow::anyhow!("event stream failed: {}", status.message()));
+            }
             Ok(Ok(None)) => break Err(anyhow::anyhow!("event stream ended")),
             Ok(Ok(Some(event))) => {
                 status::print_event(ctx.output, &event)?;
@@ -141,11 +161,14 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             println!();
         }
         if !args.exit_when_ready {
-            say(ctx, &format!(
-                "All agents connected. In another terminal:\n  homelab --state-dir {} status\n  homelab --state-dir {} watch\nPress Ctrl-C to stop.",
-                state.root().display(),
-                state.root().display()
-            ));
+            say(
+                ctx,
+                &format!(
+                    "All agents connected. In another terminal:\n  homelab --state-dir {} status\n  homelab --state-dir {} watch\nPress Ctrl-C to stop.",
+                    state.root().display(),
+                    state.root().display()
+                ),
+            );
             tokio::select! {
                 () = super::serve::shutdown_signal() => {}
                 _ = async { while let Ok(Some(event)) = events.message().await {
@@ -191,7 +214,12 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes what cloud-init would give a real node: agent.toml, the CA, a token (0600), and
 /// a small host root with its own machine-id and hostname.
-fn write_agent_files(state: &StateDir, node_dir: &Path, name: &str, url: &str) -> anyhow::Result<()> {
+fn write_agent_files(
+    state: &StateDir,
+    node_dir: &Path,
+    name: &str,
+    url: &str,
+) -> anyhow::Result<()> {
     let node = NodeName::parse(name)?;
     let host_root = node_dir.join("root");
     fs::create_dir_all(host_root.join("etc"))?;
@@ -208,8 +236,17 @@ fn write_agent_files(state: &StateDir, node_dir: &Path, name: &str, url: &str) -
     let mut store = state.open_store()?;
     let now = now_unix();
     store.insert_token(&token.hash(), node.as_str(), now, now + 3600)?;
-    store.append_event(node.as_str(), "token.created", "enrollment token created for the demo", now_unix_ms())?;
-    fsutil::write_atomic(&node_dir.join("token"), token.expose().as_bytes(), fsutil::PRIVATE)?;
+    store.append_event(
+        node.as_str(),
+        "token.created",
+        "enrollment token created for the demo",
+        now_unix_ms(),
+    )?;
+    fsutil::write_atomic(
+        &node_dir.join("token"),
+        token.expose().as_bytes(),
+        fsutil::PRIVATE,
+    )?;
     let config = format!(
         "coordinator_url = {url:?}\nnode_name = {name:?}\nca_cert = {:?}\ntoken_file = {:?}\nstate_dir = {:?}\nhost_root = {:?}\n",
         node_dir.join("ca.pem"),

@@ -26,7 +26,10 @@ pub(super) fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             };
             println!("Initialised {}: {verb}.", report.state_dir.display());
             println!("CA fingerprint (SHA-256): {}", report.ca_fingerprint_sha256);
-            println!("Serving certificate names: {}", report.server_sans.join(", "));
+            println!(
+                "Serving certificate names: {}",
+                report.server_sans.join(", ")
+            );
             println!("Next: `homelab serve`, then `homelab token create NODE` for each node.");
         }
     }

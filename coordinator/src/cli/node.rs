@@ -42,8 +42,12 @@ pub(super) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 .into_inner()
                 .revision;
             match ctx.output {
-                OutputFormat::Json => print_json(&serde_json::json!({"node": node, "revision": revision}))?,
-                OutputFormat::Table => println!("Asked {node} to renew its certificate (directive revision {revision})."),
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({"node": node, "revision": revision}))?
+                }
+                OutputFormat::Table => println!(
+                    "Asked {node} to renew its certificate (directive revision {revision})."
+                ),
             }
             Ok(())
         }
@@ -93,7 +97,11 @@ async fn revoke(ctx: &Context, node: String) -> anyhow::Result<()> {
             "Revoked {}: {} certificate(s) refused from now on; link cut: {}.",
             result.node,
             result.certificates_revoked,
-            if result.stream_cut { "yes" } else { "no (not connected)" }
+            if result.stream_cut {
+                "yes"
+            } else {
+                "no (not connected)"
+            }
         ),
     }
     Ok(())

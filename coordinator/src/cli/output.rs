@@ -76,9 +76,15 @@ mod tests {
     fn tables_align_columns() {
         let out = table(
             &["NAME", "STATE"],
-            &[vec!["k3s-control".into(), "enrolled".into()], vec!["n".into(), "pending".into()]],
+            &[
+                vec!["k3s-control".into(), "enrolled".into()],
+                vec!["n".into(), "pending".into()],
+            ],
         );
-        assert_eq!(out, "NAME         STATE\nk3s-control  enrolled\nn            pending\n");
+        assert_eq!(
+            out,
+            "NAME         STATE\nk3s-control  enrolled\nn            pending\n"
+        );
         assert_eq!(timestamp(0), "-");
         assert_eq!(timestamp(1_780_000_000), "2026-05-28 20:26:40Z");
     }

@@ -56,8 +56,12 @@ pub(super) async fn serve_state_dir(
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    fsutil::write_atomic(&state.address_file(), local.to_string().as_bytes(), fsutil::PUBLIC)
-        .with_context(|| format!("failed to write {}", state.address_file().display()))?;
+    fsutil::write_atomic(
+        &state.address_file(),
+        local.to_string().as_bytes(),
+        fsutil::PUBLIC,
+    )
+    .with_context(|| format!("failed to write {}", state.address_file().display()))?;
     core.event("", "coordinator.started", &format!("listening on {local}"));
     grpc::serve(listener, tls, core.clone(), shutdown).await?;
     core.event("", "coordinator.stopped", "graceful shutdown");
@@ -67,12 +71,9 @@ pub(super) async fn serve_state_dir(
 /// Resolves on SIGINT or SIGTERM.
 pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "stopping"),

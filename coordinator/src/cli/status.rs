@@ -36,7 +36,11 @@ pub(super) async fn status(ctx: &Context) -> anyhow::Result<()> {
             "nodes": nodes.iter().map(node_json).collect::<Vec<_>>(),
         }))?,
         OutputFormat::Table => {
-            println!("Coordinator     {} (v{})", client::coordinator_url(ctx), cluster.coordinator_version);
+            println!(
+                "Coordinator     {} (v{})",
+                client::coordinator_url(ctx),
+                cluster.coordinator_version
+            );
             println!("Started         {}", timestamp(cluster.started_at_unix));
             println!("CA fingerprint  {}", cluster.ca_fingerprint_sha256);
             println!(
@@ -111,7 +115,11 @@ pub(super) fn print_event(output: OutputFormat, event: &pb::Event) -> anyhow::Re
         OutputFormat::Table => println!(
             "{}  {:<12}  {:<26}  {}",
             timestamp(event.at_unix_ms / 1000),
-            if event.node.is_empty() { "-" } else { &event.node },
+            if event.node.is_empty() {
+                "-"
+            } else {
+                &event.node
+            },
             event.kind,
             event.message
         ),
@@ -137,7 +145,11 @@ pub(super) fn nodes_table(nodes: &[pb::Node]) -> String {
                 n.name.clone(),
                 state_name(n.state).to_owned(),
                 if n.connected { "connected" } else { "-" }.to_owned(),
-                facts.ip_addresses.first().cloned().unwrap_or_else(|| "-".into()),
+                facts
+                    .ip_addresses
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "-".into()),
                 n.last_phase
                     .as_ref()
                     .map_or_else(|| "-".into(), |p| format!("{}/{}", p.phase, p.step)),
@@ -147,7 +159,15 @@ pub(super) fn nodes_table(nodes: &[pb::Node]) -> String {
         })
         .collect();
     table(
-        &["NAME", "STATE", "LINK", "ADDRESS", "PHASE", "CERT EXPIRES", "LAST SEEN"],
+        &[
+            "NAME",
+            "STATE",
+            "LINK",
+            "ADDRESS",
+            "PHASE",
+            "CERT EXPIRES",
+            "LAST SEEN",
+        ],
         &rows,
     )
 }

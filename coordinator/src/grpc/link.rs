@@ -50,7 +50,8 @@ impl AgentLink for LinkService {
         let (node, peer) = auth::node(&request)?;
         if let Err(e) = self.core.admit(&node, &peer) {
             warn!(node = %node, serial = %peer.serial, error = %error_chain(&e), "link refused");
-            self.core.event(node.as_str(), "node.link_refused", &error_chain(&e));
+            self.core
+                .event(node.as_str(), "node.link_refused", &error_chain(&e));
             return Err(e.into());
         }
         let mut inbound = request.into_inner();
@@ -104,7 +105,8 @@ async fn run_session(
     tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
 ) {
     let node = session.node.clone();
-    let until_expiry = Duration::from_secs(u64::try_from(cert_not_after_unix - now_unix()).unwrap_or(0));
+    let until_expiry =
+        Duration::from_secs(u64::try_from(cert_not_after_unix - now_unix()).unwrap_or(0));
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
     let shutdown = core.shutdown_signal();
@@ -180,7 +182,9 @@ fn handle_upstream(
 ) -> Result<Option<CoordinatorMessage>, Status> {
     let node = &session.node;
     match message.body {
-        Some(Up::Hello(_)) => Err(Status::invalid_argument("Hello is only valid as the first message")),
+        Some(Up::Hello(_)) => Err(Status::invalid_argument(
+            "Hello is only valid as the first message",
+        )),
         Some(Up::Phase(p)) => core
             .report_phase(node, phase_from_pb(p, now_unix()))
             .map(|()| None)
@@ -189,14 +193,17 @@ fn handle_upstream(
             .report_health(node, health_from_pb(h))
             .map(|()| None)
             .map_err(Status::from),
-        Some(Up::Renew(r)) => core.renew(node, &r.csr_pem).map(|issued| {
-            Some(CoordinatorMessage {
-                body: Some(Down::Certificate(pb::CertificateIssued {
-                    certificate_chain_pem: issued.chain_pem,
-                    not_after_unix: issued.not_after_unix,
-                })),
+        Some(Up::Renew(r)) => core
+            .renew(node, &r.csr_pem)
+            .map(|issued| {
+                Some(CoordinatorMessage {
+                    body: Some(Down::Certificate(pb::CertificateIssued {
+                        certificate_chain_pem: issued.chain_pem,
+                        not_after_unix: issued.not_after_unix,
+                    })),
+                })
             })
-        }).map_err(Status::from),
+            .map_err(Status::from),
         Some(Up::Ack(ack)) => {
             let outcome = if ack.ok { "applied" } else { "failed" };
             core.event(

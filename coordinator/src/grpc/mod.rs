@@ -89,7 +89,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let tls_config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&tls.server_cert_pem, &tls.server_key_pem))
+        .identity(Identity::from_pem(
+            &tls.server_cert_pem,
+            &tls.server_key_pem,
+        ))
         .client_ca_root(Certificate::from_pem(&tls.ca_cert_pem))
         // Enrollment callers have no certificate yet; every other service demands one.
         .client_auth_optional(true)

@@ -103,7 +103,9 @@ impl StatusApi for StatusService {
             };
             // Replay from the database until caught up.
             loop {
-                let batch = core.store().events_after(last, node.as_deref(), REPLAY_BATCH);
+                let batch = core
+                    .store()
+                    .events_after(last, node.as_deref(), REPLAY_BATCH);
                 let batch = match batch {
                     Ok(batch) => batch,
                     Err(e) => {

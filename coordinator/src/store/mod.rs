@@ -22,7 +22,9 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("the state database schema version {found} is newer than this homelab ({supported}); upgrade homelab")]
+    #[error(
+        "the state database schema version {found} is newer than this homelab ({supported}); upgrade homelab"
+    )]
     SchemaTooNew { found: i64, supported: i64 },
     #[error("failed to migrate the state database to schema version {version}")]
     Migrate {
@@ -327,10 +329,7 @@ impl Store {
     /// newly revoked.
     pub fn revoke_node(&mut self, node: &str, now: i64) -> Result<u32, StoreError> {
         let tx = self.conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE nodes SET state = 'revoked' WHERE name = ?1",
-            [node],
-        )?;
+        let changed = tx.execute("UPDATE nodes SET state = 'revoked' WHERE name = ?1", [node])?;
         if changed == 0 {
             return Err(StoreError::UnknownNode(node.to_owned()));
         }
@@ -564,7 +563,10 @@ mod tests {
     fn enrollment_consumes_the_token_exactly_once() {
         let mut store = Store::open_in_memory().unwrap();
         store.insert_token("h1", "k3s-control", 100, 200).unwrap();
-        assert_eq!(store.node("k3s-control").unwrap().unwrap().state, NodeState::Pending);
+        assert_eq!(
+            store.node("k3s-control").unwrap().unwrap().state,
+            NodeState::Pending
+        );
         store
             .complete_enrollment("h1", "k3s-control", &facts(), "01ab", 1000, 150)
             .unwrap();
@@ -577,7 +579,10 @@ mod tests {
         assert_eq!(node.certificate_serial.as_deref(), Some("01ab"));
         assert_eq!(node.facts, Some(facts()));
         assert_eq!(store.token("h1").unwrap().unwrap().used_at_unix, Some(150));
-        assert!(store.certificate("02ab").unwrap().is_none(), "failed enrollment left nothing");
+        assert!(
+            store.certificate("02ab").unwrap().is_none(),
+            "failed enrollment left nothing"
+        );
     }
 
     #[test]
@@ -590,13 +595,26 @@ mod tests {
         store.insert_certificate("n1", "bb", 2000, 160).unwrap();
         store.insert_token("h2", "n1", 170, 300).unwrap();
         assert_eq!(store.revoke_node("n1", 180).unwrap(), 2);
-        assert_eq!(store.certificate("aa").unwrap().unwrap().revoked_at_unix, Some(180));
-        assert_eq!(store.certificate("bb").unwrap().unwrap().revoked_at_unix, Some(180));
+        assert_eq!(
+            store.certificate("aa").unwrap().unwrap().revoked_at_unix,
+            Some(180)
+        );
+        assert_eq!(
+            store.certificate("bb").unwrap().unwrap().revoked_at_unix,
+            Some(180)
+        );
         assert!(store.token("h2").unwrap().unwrap().used_at_unix.is_some());
         let node = store.node("n1").unwrap().unwrap();
         assert_eq!(node.state, NodeState::Revoked);
-        assert_eq!(node.certificate_serial.as_deref(), Some("bb"), "newest certificate shown");
-        assert!(matches!(store.revoke_node("nope", 1), Err(StoreError::UnknownNode(_))));
+        assert_eq!(
+            node.certificate_serial.as_deref(),
+            Some("bb"),
+            "newest certificate shown"
+        );
+        assert!(matches!(
+            store.revoke_node("nope", 1),
+            Err(StoreError::UnknownNode(_))
+        ));
     }
 
     #[test]

@@ -26,7 +26,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/debug/deps/test-xxxx -> target/debug/NAME
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -43,7 +46,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -70,7 +76,11 @@ impl CoordinatorProcess {
             extra_args: extra_serve_args.iter().map(|s| s.to_string()).collect(),
         };
         let out = this.cli(&["init"]);
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         this
     }
 
@@ -143,7 +153,11 @@ impl CoordinatorProcess {
     /// `homelab token create NODE`.
     pub fn token(&self, node: &str) -> String {
         let out = self.cli(&["token", "create", node]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -283,7 +297,11 @@ impl InProcess {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         state.init(&[], false).unwrap();
-        let core = Coordinator::new(state.open_store().unwrap(), state.load_ca().unwrap(), settings);
+        let core = Coordinator::new(
+            state.open_store().unwrap(),
+            state.load_ca().unwrap(),
+            settings,
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -311,7 +329,10 @@ impl InProcess {
     }
 
     /// A channel presenting `identity` (cert chain PEM, key PEM), or none.
-    pub async fn channel(&self, identity: Option<(&str, &str)>) -> Result<Channel, tonic::transport::Error> {
+    pub async fn channel(
+        &self,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
         channel_to(self.address, &self.ca_pem(), identity).await
     }
 
@@ -381,7 +402,9 @@ pub async fn channel_to(
 pub fn key_and_csr(cn: &str) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     (key.serialize_pem(), csr)
 }
