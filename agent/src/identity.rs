@@ -2,7 +2,8 @@
 //! certificate chain the coordinator signed for it.
 //!
 //! Both live in one file, `identity.pem` (0600) in the state directory, replaced atomically,
-//! so a crash can never pair a new key with an old certificate.
+//! so a crash can never pair a new key with an old certificate. A first line
+//! `# issued-at-unix: N` records when the certificate arrived; renewal is scheduled from it.
 
 use std::{
     fmt, fs,
@@ -156,15 +157,10 @@ impl IdentityStore {
                 });
             }
         };
-        let issued_at = fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .map_err(|source| IdentityError::Read {
+        let (issued_at, chain, key) =
+            split_identity(&text).ok_or_else(|| IdentityError::Corrupt {
                 path: self.path.clone(),
-                source,
             })?;
-        let (chain, key) = split_identity(&text).ok_or_else(|| IdentityError::Corrupt {
-            path: self.path.clone(),
-        })?;
         let (serial, not_after) = leaf_facts(&chain).ok_or_else(|| IdentityError::Corrupt {
             path: self.path.clone(),
         })?;
@@ -180,7 +176,13 @@ impl IdentityStore {
     /// Stores a newly certified key atomically and returns the identity.
     pub fn save(&self, key: PendingKey, chain_pem: &str) -> Result<Identity, IdentityError> {
         let (serial, not_after) = leaf_facts(chain_pem).ok_or(IdentityError::BadCertificate)?;
-        let contents = format!("{}{}", chain_pem, key.key_pem);
+        let issued_at = SystemTime::now();
+        let contents = format!(
+            "{ISSUED_AT_PREFIX}{}\n{}{}",
+            unix(issued_at),
+            chain_pem,
+            key.key_pem
+        );
         write_private(&self.path, contents.as_bytes()).map_err(|source| IdentityError::Write {
             path: self.path.clone(),
             source,
@@ -190,7 +192,7 @@ impl IdentityStore {
             key_pem: key.key_pem,
             serial,
             not_after,
-            issued_at: SystemTime::now(),
+            issued_at,
         })
     }
 
@@ -207,13 +209,26 @@ impl IdentityStore {
     }
 }
 
-/// Splits the identity file into the certificate chain and the private key.
-fn split_identity(text: &str) -> Option<(String, String)> {
+const ISSUED_AT_PREFIX: &str = "# issued-at-unix: ";
+
+/// Splits the identity file into issuance time, certificate chain and private key.
+fn split_identity(text: &str) -> Option<(SystemTime, String, String)> {
+    let issued: u64 = text
+        .lines()
+        .next()?
+        .strip_prefix(ISSUED_AT_PREFIX)?
+        .trim()
+        .parse()
+        .ok()?;
+    let chain_start = text.find("-----BEGIN CERTIFICATE-----")?;
     let key_start = text.find("-----BEGIN PRIVATE KEY-----")?;
-    let (chain, key) = text.split_at(key_start);
-    chain
-        .contains("-----BEGIN CERTIFICATE-----")
-        .then(|| (chain.to_owned(), key.to_owned()))
+    (chain_start < key_start).then(|| {
+        (
+            UNIX_EPOCH + Duration::from_secs(issued),
+            text[chain_start..key_start].to_owned(),
+            text[key_start..].to_owned(),
+        )
+    })
 }
 
 /// Serial (hex) and expiry of the first certificate in a PEM chain.

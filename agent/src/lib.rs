@@ -47,6 +47,19 @@ pub enum AgentError {
         "the node certificate expired and there is no enrollment token at {path}; create one with `homelab token create` to enroll again"
     )]
     ExpiredWithoutToken { path: std::path::PathBuf },
+    #[error(
+        "this node was revoked and there is no enrollment token at {path}; to re-admit it, create one with `homelab token create` and restart the agent"
+    )]
+    RevokedWithoutToken { path: std::path::PathBuf },
+}
+
+/// How the agent stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// The coordinator decommissioned the node; its identity is gone.
+    Decommissioned,
 }
 
 impl AgentError {
@@ -55,7 +68,9 @@ impl AgentError {
     pub fn needs_operator(&self) -> bool {
         match self {
             Self::Enroll(e) => !e.is_transient(),
-            Self::Identity(_) | Self::ExpiredWithoutToken { .. } => true,
+            Self::Identity(_)
+            | Self::ExpiredWithoutToken { .. }
+            | Self::RevokedWithoutToken { .. } => true,
         }
     }
 }
@@ -66,17 +81,20 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnMut(),
-) -> Result<(), AgentError> {
+) -> Result<Stopped, AgentError> {
     tokio::select! {
         result = run_forever(&config, on_ready) => result,
         () = shutdown => {
             info!("stopping");
-            Ok(())
+            Ok(Stopped::Shutdown)
         }
     }
 }
 
-async fn run_forever(config: &AgentConfig, mut on_ready: impl FnMut()) -> Result<(), AgentError> {
+async fn run_forever(
+    config: &AgentConfig,
+    mut on_ready: impl FnMut(),
+) -> Result<Stopped, AgentError> {
     let ca_pem = enroll::read_ca(config)?;
     let store = IdentityStore::open(&config.state_dir)?;
     let mut backoff = Backoff::new();
@@ -117,7 +135,18 @@ async fn run_forever(config: &AgentConfig, mut on_ready: impl FnMut()) -> Result
             }
             Ok(SessionEnd::Decommissioned) => {
                 info!("identity removed; exiting");
-                return Ok(());
+                return Ok(Stopped::Decommissioned);
+            }
+            Ok(SessionEnd::Lost(e)) | Err(e) if e.is_revoked() => {
+                // The identity is worthless now. A new token re-admits the node.
+                error!("{}", chain(&e));
+                store.forget()?;
+                if !config.token_file.exists() {
+                    return Err(AgentError::RevokedWithoutToken {
+                        path: config.token_file.clone(),
+                    });
+                }
+                info!("found a new enrollment token; enrolling again");
             }
             Ok(SessionEnd::Lost(e)) => {
                 if started.elapsed() >= STABLE_SESSION {

@@ -5,8 +5,8 @@
 //! 2. Expect a Welcome; it sets the health report interval.
 //! 3. Report health at once, then every interval.
 //! 4. At two thirds of the certificate's lifetime, or when told to, generate a fresh key and
-//!    send its CSR on the stream. When the certificate arrives, store it and end the session,
-//!    so the next one presents the new certificate.
+//!    send its CSR on the stream (again every 10 s until answered). When the certificate
+//!    arrives, store it and end the session, so the next one presents the new certificate.
 //! 5. Acknowledge every directive acted on, and remember its revision.
 
 use std::{
@@ -32,6 +32,8 @@ use crate::{
 
 /// How long the coordinator has to answer Hello with Welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for a renewed certificate before asking again.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
 /// Messages buffered toward the coordinator.
 const UPSTREAM_CAPACITY: usize = 16;
 
@@ -59,6 +61,20 @@ pub enum LinkError {
 }
 
 impl LinkError {
+    /// Whether the coordinator said this node is revoked.
+    pub fn is_revoked(&self) -> bool {
+        matches!(
+            self,
+            Self::Refused {
+                code: tonic::Code::PermissionDenied,
+                ..
+            } | Self::Ended {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }
+        )
+    }
+
     fn from_status(status: &tonic::Status) -> Self {
         Self::Ended {
             code: status.code(),
@@ -218,13 +234,18 @@ async fn serve(
                     Some(Down::Welcome(_)) | None => {}
                 }
             }
-            () = &mut renew_timer, if pending.is_none() => {
-                info!("certificate {} reached two thirds of its lifetime; renewing", identity.serial);
-                let key = PendingKey::generate(&config.node_name)?;
+            () = &mut renew_timer => {
+                // The first time: a fresh key. Later (no certificate came): the same CSR again.
+                let key = match pending.take() {
+                    Some(key) => key,
+                    None => {
+                        info!("certificate {} reached two thirds of its lifetime; renewing", identity.serial);
+                        PendingKey::generate(&config.node_name)?
+                    }
+                };
                 send(tx, Up::Renew(pb::RenewRequest { csr_pem: key.csr_pem.clone() })).await?;
                 pending = Some(key);
-                // Ask again one interval later if no certificate arrives.
-                renew_timer.as_mut().reset(tokio::time::Instant::now() + interval);
+                renew_timer.as_mut().reset(tokio::time::Instant::now() + RENEW_RETRY);
             }
             _ = health_tick.tick() => {
                 send(tx, Up::Health(health(identity))).await?;

@@ -3,10 +3,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use homelab_agent::{AgentError, chain, config::AgentConfig};
+use homelab_agent::{AgentError, Stopped, chain, config::AgentConfig};
 
-/// Exit code for problems only an operator can fix (sysexits EX_CONFIG). The systemd unit
-/// does not restart on it.
+/// Exit code for "only an operator can change this" (sysexits EX_CONFIG): a refused token,
+/// a bad config, a revoked or decommissioned node. The systemd unit does not restart on it.
 const EXIT_NEEDS_OPERATOR: u8 = 78;
 
 /// The homelab node agent. Enrolls with a one-time token, then keeps a mutual-TLS link to
@@ -57,13 +57,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), AgentError> =
+    let result: Result<Stopped, AgentError> =
         runtime.block_on(homelab_agent::run(config, shutdown_signal(), || {
             // Tell systemd (Type=notify) the agent is up; a no-op when not under systemd.
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Shutdown) => ExitCode::SUCCESS,
+        Ok(Stopped::Decommissioned) => {
+            log::info!("decommissioned; not restarting");
+            ExitCode::from(EXIT_NEEDS_OPERATOR)
+        }
         Err(e) => {
             log::error!("{}", chain(&e));
             if e.needs_operator() {

@@ -114,6 +114,17 @@ pub enum Directive {
     Decommission { reason: String },
 }
 
+/// What became of a pushed directive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Queued on the node's open link, with this revision.
+    Sent(u64),
+    /// The node has no link now.
+    NotConnected,
+    /// The node's link is not draining its queue.
+    QueueFull,
+}
+
 /// Why the coordinator ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -273,8 +284,13 @@ impl Coordinator {
                     EnrollError::Store(_) => "enroll.failed",
                 };
                 let message = crate::error_chain(e);
-                warn!(node = %request.node_name, kind, error = %message, "enrollment refused");
-                self.event(&request.node_name, kind, &message);
+                warn!(node = %request.node_name.escape_debug(), kind, error = %message, "enrollment refused");
+                // The caller is unauthenticated: record under its claimed name only if that
+                // is a valid node name, so the event log cannot be filled with junk keys.
+                match NodeName::parse(&request.node_name) {
+                    Ok(node) => self.event(node.as_str(), kind, &message),
+                    Err(_) => self.event("", kind, &message),
+                }
             }
         }
         result
@@ -411,40 +427,39 @@ impl Coordinator {
         self.sessions().keys().map(|n| n.to_string()).collect()
     }
 
-    /// Pushes a directive to a connected node at once. Returns the revision, or `None` if the
-    /// node is not connected or its queue is full (the agent will get its state on reconnect).
-    pub fn push(&self, node: &str, directive: Directive) -> Result<Option<u64>, LinkError> {
+    /// Pushes a directive to a connected node at once. A revision is allocated only when the
+    /// node is connected. Directives are not queued for absent nodes: the role orchestration
+    /// keeps each node's desired state and pushes it again when the node says hello.
+    pub fn push(&self, node: &str, directive: Directive) -> Result<PushOutcome, LinkError> {
         let name = NodeName::parse(node).map_err(|_| LinkError::UnknownNode(node.to_owned()))?;
-        let revision = self
-            .store()
-            .next_directive_revision(node)
-            .map_err(|e| match e {
-                StoreError::UnknownNode(n) => LinkError::UnknownNode(n),
-                other => LinkError::Store(other),
-            })?;
+        if self.store().node(node)?.is_none() {
+            return Err(LinkError::UnknownNode(node.to_owned()));
+        }
         let sender = self.sessions().get(&name).map(|s| s.outbound.clone());
         let Some(sender) = sender else {
-            return Ok(None);
+            return Ok(PushOutcome::NotConnected);
         };
+        let permit = match sender.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(PushOutcome::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(())) => return Ok(PushOutcome::NotConnected),
+        };
+        let revision = self.store().next_directive_revision(node)?;
         let kind = match &directive {
             Directive::Assignment { .. } => "assignment",
             Directive::RenewCertificate => "renew_certificate",
             Directive::Decommission { .. } => "decommission",
         };
-        match sender.try_send(Outbound::Directive {
+        permit.send(Outbound::Directive {
             revision,
             directive,
-        }) {
-            Ok(()) => {
-                self.event(
-                    node,
-                    "directive.sent",
-                    &format!("{kind} (revision {revision})"),
-                );
-                Ok(Some(revision))
-            }
-            Err(_) => Ok(None),
-        }
+        });
+        self.event(
+            node,
+            "directive.sent",
+            &format!("{kind} (revision {revision})"),
+        );
+        Ok(PushOutcome::Sent(revision))
     }
 
     /// In-band renewal: signs a CSR from a node on its open link.
@@ -518,8 +533,9 @@ impl Coordinator {
                 StoreError::UnknownNode(n) => LinkError::UnknownNode(n),
                 other => LinkError::Store(other),
             })?;
+        // The session ends itself on this signal and detaches, which records the disconnect.
         let cut = match NodeName::parse(node) {
-            Ok(name) => match self.sessions().remove(&name) {
+            Ok(name) => match self.sessions().get(&name) {
                 Some(entry) => {
                     entry.close.send_replace(Some(CloseReason::Revoked));
                     true

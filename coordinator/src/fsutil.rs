@@ -9,7 +9,7 @@ use std::{
 
 /// Mode for files that hold secrets: private keys, tokens.
 pub const PRIVATE: u32 = 0o600;
-/// Mode for files anyone on the machine may read: certificates, the example spec.
+/// Mode for files anyone on the machine may read: certificates, the recorded address.
 pub const PUBLIC: u32 = 0o644;
 
 /// Writes `contents` to `path` atomically (temporary file in the same directory, fsync, rename)

@@ -412,7 +412,7 @@ fn set_validity(params: &mut CertificateParams, lifetime: Duration) -> OffsetDat
     params.not_after
 }
 
-/// A random positive 127-bit serial number.
+/// A random positive serial number: 16 bytes, 126 of them random.
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     bytes[0] &= 0x7f;

@@ -44,6 +44,14 @@ pub enum StateDirError {
     Store(#[from] StoreError),
     #[error("cannot find a home directory for the default state directory; pass --state-dir")]
     NoHome,
+    #[error("another `homelab serve` is running on {0}")]
+    DaemonRunning(PathBuf),
+}
+
+/// Proof that this process is the only daemon on a state directory.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: fs::File,
 }
 
 /// What `init` created.
@@ -104,6 +112,35 @@ impl StateDir {
     }
     pub fn address_file(&self) -> PathBuf {
         self.root.join("coordinator.addr")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+
+    /// Takes the daemon lock: one `homelab serve` per state directory. The lock is held
+    /// until the returned file is dropped (or the process dies). Offline commands take it
+    /// too, to learn that no daemon is running.
+    pub fn lock_daemon(&self) -> Result<DaemonLock, StateDirError> {
+        if !self.root.is_dir() {
+            return Err(StateDirError::NotInitialized(self.root.clone()));
+        }
+        let path = self.lock_file();
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateDirError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(DaemonLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => {
+                Err(StateDirError::DaemonRunning(self.root.clone()))
+            }
+            Err(fs::TryLockError::Error(source)) => Err(StateDirError::Write { path, source }),
+        }
     }
 
     /// Creates the directory, the CA (unless one exists and `force` is false), the serving
@@ -239,6 +276,20 @@ mod tests {
         assert_eq!(first.ca_fingerprint_sha256, second.ca_fingerprint_sha256);
         let forced = state.init(&[], true).unwrap();
         assert_ne!(first.ca_fingerprint_sha256, forced.ca_fingerprint_sha256);
+    }
+
+    #[test]
+    fn only_one_daemon_lock_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        state.init(&[], false).unwrap();
+        let lock = state.lock_daemon().unwrap();
+        assert!(matches!(
+            state.lock_daemon(),
+            Err(StateDirError::DaemonRunning(_))
+        ));
+        drop(lock);
+        state.lock_daemon().unwrap();
     }
 
     #[test]

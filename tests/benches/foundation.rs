@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{InProcess, key_and_csr};
-use homelab::core::{Directive, Settings};
+use homelab::core::{Directive, PushOutcome, Settings};
 use homelab_proto::v1::{
     self as pb, AgentMessage, EnrollRequest, ListNodesRequest, agent_link_client::AgentLinkClient,
     agent_message::Body as Up, coordinator_message::Body as Down,
@@ -74,7 +74,10 @@ async fn main() {
     let elapsed = started.elapsed();
     rows.push((
         format!("Enrollments ({enrollments}, 16 concurrent)"),
-        format!("{:.0} per second", enrollments as f64 / elapsed.as_secs_f64()),
+        format!(
+            "{:.0} per second",
+            enrollments as f64 / elapsed.as_secs_f64()
+        ),
     ));
 
     // Directive push: from Coordinator::push to the agent's stream.
@@ -111,7 +114,8 @@ async fn main() {
     let mut latencies = Vec::with_capacity(pushes);
     for _ in 0..pushes {
         let t0 = Instant::now();
-        c.core.push(node, Directive::RenewCertificate).unwrap().unwrap();
+        let outcome = c.core.push(node, Directive::RenewCertificate).unwrap();
+        assert!(matches!(outcome, PushOutcome::Sent(_)), "{outcome:?}");
         loop {
             let message = down.message().await.unwrap().unwrap();
             if matches!(message.body, Some(Down::Directive(_))) {
@@ -138,7 +142,14 @@ async fn main() {
         let mut store = c.core.store();
         store.insert_token(&hash, &name, 0, i64::MAX).unwrap();
         store
-            .complete_enrollment(&hash, &name, &Default::default(), &format!("{i:032x}"), i64::MAX, 1)
+            .complete_enrollment(
+                &hash,
+                &name,
+                &Default::default(),
+                &format!("{i:032x}"),
+                i64::MAX,
+                1,
+            )
             .unwrap();
     }
     let total = c.core.nodes().unwrap().len();
@@ -146,7 +157,13 @@ async fn main() {
     let mut latencies = Vec::new();
     for _ in 0..50 {
         let t0 = Instant::now();
-        let listed = status.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes.len();
+        let listed = status
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .len();
         latencies.push(t0.elapsed());
         assert_eq!(listed, total);
     }

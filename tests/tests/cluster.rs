@@ -109,33 +109,86 @@ fn three_agents_enroll_stay_connected_and_survive_restarts() {
 }
 
 #[test]
-fn revoke_cuts_a_live_agent_and_it_stays_out() {
+fn revoke_cuts_a_live_agent_and_a_new_token_readmits_it() {
     let mut coordinator = CoordinatorProcess::init(&[]);
     coordinator.start();
-    let _agent = AgentProcess::start(&coordinator, "k3s-node-1", &coordinator.token("k3s-node-1"));
+    let mut agent =
+        AgentProcess::start(&coordinator, "k3s-node-1", &coordinator.token("k3s-node-1"));
     wait_for(Duration::from_secs(30), "agent connected", || {
-        let status = coordinator.cli_json(&["status"]);
-        (status["nodes_connected"] == 1).then_some(())
+        (coordinator.cli_json(&["status"])["nodes_connected"] == 1).then_some(())
     });
     let revoked = coordinator.cli_json(&["node", "revoke", "k3s-node-1"]);
     assert_eq!(revoked["stream_cut"], true, "{revoked}");
     assert_eq!(revoked["via"], "coordinator");
-    // The agent keeps trying; each attempt is refused and recorded.
-    wait_for(
-        Duration::from_secs(20),
-        "the revoked agent's retry refused",
-        || {
-            let store = coordinator.state.open_store().ok()?;
-            let events = store.events_after(0, Some("k3s-node-1"), 10_000).ok()?;
-            events
-                .iter()
-                .any(|e| e.kind == "node.link_refused")
-                .then_some(())
-        },
-    );
+    // The agent learns it is revoked, drops its useless identity and stops for the operator.
+    let code = wait_for(Duration::from_secs(20), "revoked agent exit", || {
+        agent.exit_code()
+    });
+    assert_eq!(code, Some(78), "{}", agent.log());
+    assert!(agent.log().contains("revoked"), "{}", agent.log());
+    assert!(!agent.identity_file().exists());
     let status = coordinator.cli_json(&["status"]);
     assert_eq!(status["nodes_connected"], 0);
     assert_eq!(status["nodes_revoked"], 1);
+
+    // A new token and a restart re-admit the node with a new identity.
+    fs::write(agent.dir.join("token"), coordinator.token("k3s-node-1")).unwrap();
+    agent.restart();
+    wait_for(
+        Duration::from_secs(30),
+        "re-admitted agent connected",
+        || {
+            let status = coordinator.cli_json(&["status"]);
+            (status["nodes_connected"] == 1 && status["nodes_revoked"] == 0).then_some(())
+        },
+    );
+}
+
+#[test]
+fn offline_revoke_is_refused_at_the_next_start() {
+    let mut coordinator = CoordinatorProcess::init(&[]);
+    coordinator.start();
+    let mut agent =
+        AgentProcess::start(&coordinator, "k3s-node-1", &coordinator.token("k3s-node-1"));
+    wait_for(Duration::from_secs(30), "agent connected", || {
+        (coordinator.cli_json(&["status"])["nodes_connected"] == 1).then_some(())
+    });
+    coordinator.kill();
+    // No daemon holds the state directory: the CLI revokes in the database.
+    let mut cmd = std::process::Command::new(common::bin("homelab"));
+    let out = cmd
+        .arg("--state-dir")
+        .arg(coordinator.state.root())
+        .args(["node", "revoke", "k3s-node-1", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(revoked["via"], "database", "{revoked}");
+    coordinator.start();
+    let code = wait_for(Duration::from_secs(40), "revoked agent exit", || {
+        agent.exit_code()
+    });
+    assert_eq!(code, Some(78), "{}", agent.log());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_is_refused() {
+    let mut coordinator = CoordinatorProcess::init(&[]);
+    coordinator.start();
+    let out = std::process::Command::new(common::bin("homelab"))
+        .arg("--state-dir")
+        .arg(coordinator.state.root())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `homelab serve` is running"), "{err}");
 }
 
 #[test]

@@ -539,3 +539,128 @@ async fn graceful_shutdown_ends_open_links_and_watches() {
     .expect("watch stream ends after shutdown");
     assert!(matches!(end, None | Some(Code::Unavailable)), "{end:?}");
 }
+
+#[tokio::test]
+async fn certificate_the_coordinator_never_recorded_is_refused() {
+    // Signed by the right CA, but not issued through enrollment (for example a copy of the
+    // CA key in the wrong hands, or a database restored from before the enrollment).
+    let c = InProcess::start(Settings::default()).await;
+    let _ = enroll(&c, "k3s-node-1").await;
+    let node = NodeName::parse("k3s-node-1").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cert = c
+        .core
+        .ca()
+        .issue_node_for_testing(
+            &node,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+        )
+        .unwrap();
+    let err = link(&c, (&cert.cert_pem, &cert.key_pem)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("was not issued by this coordinator"),
+        "{err:?}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_hello_ends_the_link_with_invalid_argument() {
+    let c = InProcess::start(Settings::default()).await;
+    let (chain, key) = enroll(&c, "k3s-node-1").await;
+    let (tx, mut down) = link(&c, (&chain, &key)).await.unwrap();
+    tx.send(AgentMessage {
+        body: Some(Up::Hello(pb::Hello::default())),
+    })
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(WAIT, down.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(
+        c.event_kinds("k3s-node-1")
+            .contains(&"node.bad_message".to_owned())
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_ends_when_its_certificate_expires() {
+    let c = InProcess::start(Settings {
+        node_cert_lifetime: Duration::from_secs(2),
+        ..Settings::default()
+    })
+    .await;
+    let (chain, key) = enroll(&c, "k3s-node-1").await;
+    let (_tx, mut down) = link(&c, (&chain, &key)).await.unwrap();
+    let ended = tokio::time::timeout(WAIT, down.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("expired"), "{ended:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_renewal_csr_ends_the_link_and_issues_nothing() {
+    let c = InProcess::start(Settings::default()).await;
+    let (chain, key) = enroll(&c, "k3s-node-1").await;
+    let (tx, mut down) = link(&c, (&chain, &key)).await.unwrap();
+    let (_, other) = key_and_csr("k3s-node-2");
+    tx.send(AgentMessage {
+        body: Some(Up::Renew(pb::RenewRequest { csr_pem: other })),
+    })
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(WAIT, down.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(
+        !c.event_kinds("k3s-node-1")
+            .contains(&"node.certificate_renewed".to_owned())
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn watch_delivers_events_other_processes_wrote() {
+    let c = InProcess::start(Settings::default()).await;
+    let mut watch = StatusClient::new(c.operator_channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_id: -1,
+            node: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // As `homelab token create` does: straight into the database, no broadcast.
+    c.core
+        .store()
+        .append_event(
+            "k3s-node-1",
+            "token.created",
+            "from the CLI",
+            homelab::core::now_unix_ms(),
+        )
+        .unwrap();
+    // The next event the daemon itself records reveals the gap, which is filled in order.
+    c.core.event("k3s-node-2", "test.daemon", "from the daemon");
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let event = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        kinds.push(event.kind);
+    }
+    assert_eq!(kinds, ["token.created", "test.daemon"]);
+    c.stop().await;
+}

@@ -5,7 +5,7 @@ use homelab_proto::v1::{RequestRenewalRequest, RevokeNodeRequest};
 use serde::Serialize;
 
 use super::{Context, OutputFormat, client, output::print_json};
-use crate::core::now_unix;
+use crate::{core::now_unix, state_dir::StateDirError};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -54,41 +54,45 @@ pub(super) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Revokes through the daemon, so the link is cut at once; when no daemon is running, writes
-/// the revocation to the database directly, and the daemon refuses the node when it starts.
+/// Revokes through the daemon, so the link is cut at once. When no daemon holds the state
+/// directory, writes the revocation to the database directly; the daemon refuses the node's
+/// certificates when it starts.
 async fn revoke(ctx: &Context, node: String) -> anyhow::Result<()> {
-    let result = match client::admin_client(ctx).await {
-        Ok(mut admin) => {
-            let response = admin
-                .revoke_node(RevokeNodeRequest { name: node.clone() })
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
-            Revoked {
-                node,
-                certificates_revoked: response.certificates_revoked,
-                stream_cut: response.stream_cut,
-                via: "coordinator",
-            }
+    let offline = match ctx.state.lock_daemon() {
+        Ok(lock) => Some(lock),
+        Err(StateDirError::DaemonRunning(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    // With an explicit --coordinator the operator means that daemon, wherever it runs.
+    let result = if let (Some(_lock), None) = (&offline, &ctx.coordinator) {
+        let mut store = ctx.state.open_store()?;
+        let revoked = store
+            .revoke_node(&node, now_unix())
+            .with_context(|| format!("failed to revoke {node}"))?;
+        store.append_event(
+            &node,
+            "node.revoked",
+            &format!("{revoked} certificate(s) revoked while the coordinator was stopped"),
+            crate::core::now_unix_ms(),
+        )?;
+        Revoked {
+            node,
+            certificates_revoked: revoked,
+            stream_cut: false,
+            via: "database",
         }
-        Err(e) => {
-            tracing::debug!(error = %format!("{e:#}"), "coordinator unreachable; revoking offline");
-            let mut store = ctx.state.open_store()?;
-            let revoked = store
-                .revoke_node(&node, now_unix())
-                .with_context(|| format!("failed to revoke {node}"))?;
-            store.append_event(
-                &node,
-                "node.revoked",
-                &format!("{revoked} certificate(s) revoked while the coordinator was stopped"),
-                crate::core::now_unix_ms(),
-            )?;
-            Revoked {
-                node,
-                certificates_revoked: revoked,
-                stream_cut: false,
-                via: "database",
-            }
+    } else {
+        let mut admin = client::admin_client(ctx).await?;
+        let response = admin
+            .revoke_node(RevokeNodeRequest { name: node.clone() })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        Revoked {
+            node,
+            certificates_revoked: response.certificates_revoked,
+            stream_cut: response.stream_cut,
+            via: "coordinator",
         }
     };
     match ctx.output {

@@ -48,6 +48,7 @@ pub(super) async fn serve_state_dir(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let _lock = state.lock_daemon()?;
     let ca = state.load_ca()?;
     let tls = TlsMaterial::load(state)?;
     let store = state.open_store()?;

@@ -8,7 +8,7 @@ use homelab_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::core::{Coordinator, Directive};
+use crate::core::{Coordinator, Directive, PushOutcome};
 
 pub(super) struct AdminService {
     core: Arc<Coordinator>,
@@ -40,9 +40,12 @@ impl Admin for AdminService {
     ) -> Result<Response<RequestRenewalResponse>, Status> {
         let name = request.into_inner().name;
         match self.core.push(&name, Directive::RenewCertificate)? {
-            Some(revision) => Ok(Response::new(RequestRenewalResponse { revision })),
-            None => Err(Status::failed_precondition(format!(
+            PushOutcome::Sent(revision) => Ok(Response::new(RequestRenewalResponse { revision })),
+            PushOutcome::NotConnected => Err(Status::failed_precondition(format!(
                 "node {name} is not connected"
+            ))),
+            PushOutcome::QueueFull => Err(Status::unavailable(format!(
+                "node {name} is not reading its link; try again later"
             ))),
         }
     }

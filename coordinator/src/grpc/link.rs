@@ -124,8 +124,13 @@ async fn run_session(
                     Err(status) => {
                         // A message the coordinator cannot act on ends the link with a precise
                         // status; the agent reconnects and the cause is in the event log.
-                        warn!(node = %node, %status, "bad message on link");
-                        core.event(node.as_str(), "node.bad_message", status.message());
+                        warn!(node = %node, %status, "link ended on a message it could not act on");
+                        let kind = if status.code() == tonic::Code::Internal {
+                            "node.link_error"
+                        } else {
+                            "node.bad_message"
+                        };
+                        core.event(node.as_str(), kind, status.message());
                         break Some(status);
                     }
                 },

@@ -21,7 +21,7 @@ use homelab_proto::v1::{
     enrollment_server::EnrollmentServer, status_server::StatusServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
@@ -32,7 +32,8 @@ use crate::{
 };
 
 /// The largest request message the coordinator decodes. A CSR with facts is about 2 KiB;
-/// anything near this limit is a mistake or an attack, refused with RESOURCE_EXHAUSTED.
+/// anything near this limit is a mistake or an attack. tonic refuses a larger message with
+/// OUT_OF_RANGE, naming both sizes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// A TLS handshake that has not completed in this time is dropped, so half-open and slow
 /// connections cannot pile up.
@@ -108,6 +109,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<StatusServer<status::StatusService>>()
         .await;
+    health_reporter
+        .set_serving::<AdminServer<admin::AdminService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(homelab_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -130,6 +134,14 @@ pub async fn serve(
     );
 
     let local = listener.local_addr().ok();
+    // Small gRPC frames must not wait for delayed ACKs (Nagle): without this, a response
+    // larger than one segment can stall for 40 ms.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
     info!(address = ?local, "coordinator serving");
     let signal_core = core.clone();
     let signal = async move {
@@ -148,7 +160,7 @@ pub async fn serve(
         .add_service(link)
         .add_service(status)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     let drained = core.shutdown_signal();
     tokio::select! {
         result = server => result.map_err(ServeError::Transport)?,

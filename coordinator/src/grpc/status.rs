@@ -126,36 +126,44 @@ impl StatusApi for StatusService {
             }
             loop {
                 tokio::select! {
-                    received = live.recv() => match received {
-                        Ok(event) => {
-                            if event.id <= last || node.as_deref().is_some_and(|n| n != event.node) {
+                    received = live.recv() => {
+                        let trigger = match received {
+                            // The next event in sequence: send it as is.
+                            Ok(event) if event.id == last + 1 => {
+                                last = event.id;
+                                if node.as_deref().is_none_or(|n| n == event.node)
+                                    && tx.send(Ok(event_to_pb(event))).await.is_err()
+                                {
+                                    return;
+                                }
                                 continue;
                             }
-                            last = event.id;
-                            if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                            Ok(event) if event.id <= last => continue,
+                            // A gap: events that another process (the CLI) wrote, or that this
+                            // watcher missed by lagging. The database has them all, in order.
+                            Ok(event) => Some(event.id),
+                            Err(RecvError::Lagged(_)) => None,
+                            Err(RecvError::Closed) => return,
+                        };
+                        let batch = core.store().events_after(last, node.as_deref(), u32::MAX);
+                        match batch {
+                            Ok(batch) => {
+                                for event in batch {
+                                    last = event.id;
+                                    if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                // With a node filter the batch may end before the event that
+                                // triggered it; that event is covered too.
+                                last = last.max(trigger.unwrap_or(last));
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::from(e))).await;
                                 return;
                             }
                         }
-                        Err(RecvError::Lagged(_)) => {
-                            // Fell behind the fan-out: catch up from the database.
-                            let batch = core.store().events_after(last, node.as_deref(), u32::MAX);
-                            match batch {
-                                Ok(batch) => {
-                                    for event in batch {
-                                        last = event.id;
-                                        if tx.send(Ok(event_to_pb(event))).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                }
-                                Err(e) => {
-                                    let _ = tx.send(Err(Status::from(e))).await;
-                                    return;
-                                }
-                            }
-                        }
-                        Err(RecvError::Closed) => return,
-                    },
+                    }
                     () = tx.closed() => return,
                     () = &mut shutdown => {
                         let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;

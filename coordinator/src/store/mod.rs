@@ -159,6 +159,11 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// The event log keeps the newest this many events; older ones are pruned.
+pub const EVENTS_KEPT: i64 = 100_000;
+/// Pruning runs once per this many appended events.
+const EVENT_PRUNE_EVERY: i64 = 1_000;
+
 /// How long a writer waits for another process (the CLI, the daemon) holding the lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -278,6 +283,11 @@ impl Store {
              VALUES (?1, 'enrolled', ?2, ?3, ?2)
              ON CONFLICT (name) DO UPDATE SET state = 'enrolled', facts_json = ?3, enrolled_at = ?2",
             params![node, now, facts_json],
+        )?;
+        // A new enrollment replaces the node's identity: its older certificates are void.
+        tx.execute(
+            "UPDATE certificates SET revoked_at = ?2 WHERE node = ?1 AND revoked_at IS NULL",
+            params![node, now],
         )?;
         tx.execute(
             "INSERT INTO certificates (serial, node, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
@@ -440,8 +450,13 @@ impl Store {
             "INSERT INTO events (at_ms, node, kind, message) VALUES (?1, ?2, ?3, ?4)",
             params![at_unix_ms, node, kind, message],
         )?;
+        let id = self.conn.last_insert_rowid();
+        if id % EVENT_PRUNE_EVERY == 0 {
+            self.conn
+                .execute("DELETE FROM events WHERE id <= ?1", [id - EVENTS_KEPT])?;
+        }
         Ok(EventRecord {
-            id: self.conn.last_insert_rowid(),
+            id,
             at_unix_ms,
             node: node.to_owned(),
             kind: kind.to_owned(),
@@ -615,6 +630,48 @@ mod tests {
             store.revoke_node("nope", 1),
             Err(StoreError::UnknownNode(_))
         ));
+    }
+
+    #[test]
+    fn re_enrollment_voids_older_certificates() {
+        let mut store = Store::open_in_memory().unwrap();
+        store.insert_token("h1", "n1", 1, 100).unwrap();
+        store
+            .complete_enrollment("h1", "n1", &facts(), "aa", 1000, 2)
+            .unwrap();
+        store.insert_token("h2", "n1", 3, 100).unwrap();
+        store
+            .complete_enrollment("h2", "n1", &facts(), "bb", 1000, 4)
+            .unwrap();
+        assert_eq!(
+            store.certificate("aa").unwrap().unwrap().revoked_at_unix,
+            Some(4)
+        );
+        assert_eq!(
+            store.certificate("bb").unwrap().unwrap().revoked_at_unix,
+            None
+        );
+    }
+
+    #[test]
+    fn the_event_log_is_bounded() {
+        let mut store = Store::open_in_memory().unwrap();
+        store.append_event("n", "old", "m", 0).unwrap();
+        store.append_event("n", "old", "m", 0).unwrap();
+        // Jump the id sequence to just before a pruning point.
+        store
+            .conn
+            .execute(
+                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'events'",
+                [EVENTS_KEPT + EVENT_PRUNE_EVERY - 3],
+            )
+            .unwrap();
+        for i in 0..5 {
+            store.append_event("n", "new", "m", i).unwrap();
+        }
+        let kept = store.events_after(0, None, u32::MAX).unwrap();
+        assert_eq!(kept.len(), 5, "the two old events were pruned");
+        assert!(kept.iter().all(|e| e.kind == "new"));
     }
 
     #[test]
