@@ -202,6 +202,8 @@ async fn serve(
                                     let key = PendingKey::generate(&config.node_name)?;
                                     send(tx, Up::Renew(pb::RenewRequest { csr_pem: key.csr_pem.clone() })).await?;
                                     pending = Some(key);
+                                    // Ask again after a while if no certificate arrives.
+                                    renew_timer.as_mut().reset(tokio::time::Instant::now() + RENEW_RETRY);
                                 }
                                 ack(tx, &config.state_dir, revision, true, "renewal requested").await?;
                             }
