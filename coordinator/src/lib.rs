@@ -5,6 +5,10 @@
 //! - [`core`]: the domain: enrollment, link sessions, directives, revocation, events.
 //! - [`grpc`]: the gRPC services over mutual TLS; they convert and delegate to [`core`].
 //! - [`pki`]: the homelab CA, node CSR signing and peer identities.
+//! - [`spec`]: the cluster spec, `homelab.toml`, parsed strictly.
+//! - [`proxmox`]: the typed Proxmox VE API client.
+//! - [`seed`]: NoCloud seeds: rendering and the ISO image.
+//! - [`provision`]: reconciling the spec's VMs with Proxmox (plan, apply, destroy).
 //! - [`store`]: the SQLite state database and its migrations.
 //! - [`state_dir`]: the files of the state directory.
 //! - [`token`]: one-time enrollment tokens.
@@ -15,6 +19,10 @@ pub mod core;
 pub mod fsutil;
 pub mod grpc;
 pub mod pki;
+pub mod provision;
+pub mod proxmox;
+pub mod seed;
+pub mod spec;
 pub mod state_dir;
 pub mod store;
 pub mod token;

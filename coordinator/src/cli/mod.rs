@@ -1,10 +1,13 @@
 //! The `homelab` command line: one file per subcommand, each with its `Args` and `run`.
 
+mod apply;
 mod client;
 mod demo;
+mod destroy;
 mod init;
 mod node;
 mod output;
+mod render;
 mod serve;
 mod status;
 mod token;
@@ -73,6 +76,12 @@ pub enum Command {
     Nodes,
     /// Follow the event log live.
     Watch(status::WatchArgs),
+    /// Make Proxmox match the spec: create missing VMs, adopt existing ones, report drift.
+    Apply(apply::Args),
+    /// Delete the spec's VMs (or the named ones) and their seeds.
+    Destroy(destroy::Args),
+    /// Write a node's NoCloud seed files and ISO to a directory.
+    Render(render::Args),
     /// A coordinator and three agents on loopback: watch them enroll and connect.
     Demo(demo::Args),
 }
@@ -97,6 +106,9 @@ impl Cli {
             Command::Status => status::status(&ctx).await,
             Command::Nodes => status::nodes(&ctx).await,
             Command::Watch(args) => status::watch(&ctx, args).await,
+            Command::Apply(args) => apply::run(&ctx, args).await,
+            Command::Destroy(args) => destroy::run(&ctx, args).await,
+            Command::Render(args) => render::run(&ctx, args).await,
             Command::Demo(args) => demo::run(&ctx, args).await,
         }
     }

@@ -1,0 +1,165 @@
+//! `homelab apply`: make Proxmox match the spec.
+
+use std::{path::PathBuf, sync::Arc};
+
+use serde_json::json;
+
+use super::{
+    Context, OutputFormat,
+    output::{print_json, table},
+};
+use crate::provision::{Action, Plan, PowerChange, Provisioner};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The cluster spec.
+    #[arg(long, env = "HOMELAB_SPEC", default_value = "homelab.toml")]
+    pub spec: PathBuf,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The `homelab-agent` binary to put on each seed. Default: the one beside `homelab`.
+    #[arg(long, env = "HOMELAB_AGENT_BIN", value_name = "PATH")]
+    pub agent_bin: Option<PathBuf>,
+}
+
+pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let provisioner = Arc::new(provisioner(ctx, &args.spec, args.agent_bin.clone())?);
+    let plan = provisioner.plan().await?;
+    if ctx.output == OutputFormat::Table {
+        print!("{}", plan_table(&plan));
+    }
+    if !plan.conflicts().is_empty() {
+        if ctx.output == OutputFormat::Json {
+            print_json(&json!({ "plan": plan, "applied": [] }))?;
+        }
+        anyhow::bail!(
+            "VMs {:?} conflict with VMs homelab did not create; nothing was changed",
+            plan.conflicts()
+        );
+    }
+    if args.dry_run {
+        if ctx.output == OutputFormat::Json {
+            print_json(&json!({ "plan": plan, "applied": [] }))?;
+        } else {
+            println!("Dry run: nothing changed.");
+        }
+        return Ok(());
+    }
+    if plan.is_noop() {
+        if ctx.output == OutputFormat::Json {
+            print_json(&json!({ "plan": plan, "applied": [] }))?;
+        } else {
+            println!("Proxmox matches the spec: nothing to do.");
+        }
+        return Ok(());
+    }
+    let applied = provisioner.apply(&plan).await?;
+    match ctx.output {
+        OutputFormat::Json => print_json(&json!({ "plan": plan, "applied": applied }))?,
+        OutputFormat::Table => {
+            let created = applied.iter().filter(|a| a.created).count();
+            println!(
+                "Applied: {created} created, {} adopted. Agents enroll and call home as their VMs boot; follow with `homelab watch`.",
+                applied.len() - created
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A provisioner for the spec at `spec_path`, printing progress to stderr.
+pub(super) fn provisioner(
+    ctx: &Context,
+    spec_path: &std::path::Path,
+    agent_bin: Option<PathBuf>,
+) -> anyhow::Result<Provisioner> {
+    let spec = crate::spec::Spec::from_file(spec_path)?;
+    let spec_dir = spec_path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let config = crate::provision::client_for(&spec, &spec_dir)?;
+    let client = crate::proxmox::Client::new(config)?;
+    let agent_bin = match agent_bin {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("homelab-agent"),
+    };
+    let json = ctx.output == OutputFormat::Json;
+    Ok(Provisioner::new(
+        spec,
+        spec_dir,
+        client,
+        ctx.state.clone(),
+        agent_bin,
+        Box::new(move |p| {
+            if json {
+                eprintln!("{}", serde_json::to_string(&p).unwrap_or_default());
+            } else {
+                eprintln!("{:<12}  {:<9}  {}", p.vm, p.step, p.message);
+            }
+        }),
+    )?)
+}
+
+fn plan_table(plan: &Plan) -> String {
+    let rows: Vec<Vec<String>> = plan
+        .vms
+        .iter()
+        .map(|vm| match &vm.action {
+            Action::Create => vec![
+                vm.name.clone(),
+                "create".into(),
+                "-".into(),
+                format!("clone template {}", plan.template_vmid),
+            ],
+            Action::Adopt {
+                vmid,
+                status,
+                drift,
+                power,
+                remove_seed,
+                ..
+            } => {
+                let mut notes = Vec::new();
+                for d in drift {
+                    notes.push(format!(
+                        "drift {}: spec {}, VM {}",
+                        d.field, d.spec, d.actual
+                    ));
+                }
+                match power {
+                    Some(PowerChange::Start) => notes.push("start".into()),
+                    Some(PowerChange::Stop) => notes.push("shut down".into()),
+                    None => {}
+                }
+                if *remove_seed {
+                    notes.push("remove the seed (node enrolled)".into());
+                }
+                if notes.is_empty() {
+                    notes.push("up to date".into());
+                }
+                vec![
+                    vm.name.clone(),
+                    "adopt".into(),
+                    format!("{vmid} ({status})"),
+                    notes.join("; "),
+                ]
+            }
+            Action::Conflict { vmid, reason } => vec![
+                vm.name.clone(),
+                "CONFLICT".into(),
+                vmid.to_string(),
+                reason.clone(),
+            ],
+        })
+        .collect();
+    table(&["NAME", "ACTION", "VMID", "DETAILS"], &rows)
+}
