@@ -442,15 +442,13 @@ fn parse_san(san: &str) -> Result<SanType, PkiError> {
         .map_err(|_| PkiError::InvalidSan(san.to_owned()))
 }
 
+/// The DER of the first certificate in a PEM text.
 fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
 }
 
 #[cfg(test)]

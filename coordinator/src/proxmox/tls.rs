@@ -85,25 +85,10 @@ pub(super) fn client_config(
 }
 
 fn pem_certificates(pem: &str) -> Vec<CertificateDer<'static>> {
-    use base64::Engine as _;
-    let mut out = Vec::new();
-    let mut body = String::new();
-    let mut inside = false;
-    for line in pem.lines() {
-        let line = line.trim();
-        if line == "-----BEGIN CERTIFICATE-----" {
-            inside = true;
-            body.clear();
-        } else if line == "-----END CERTIFICATE-----" {
-            inside = false;
-            if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(&body) {
-                out.push(CertificateDer::from(der));
-            }
-        } else if inside {
-            body.push_str(line);
-        }
-    }
-    out
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
 }
 
 #[derive(Debug)]
