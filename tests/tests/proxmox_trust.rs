@@ -20,7 +20,9 @@ fn server_fingerprint(c: &InProcess) -> [u8; 32] {
         .skip(1)
         .take_while(|l| !l.starts_with("-----END"))
         .collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(body).unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
     Sha256::digest(der).into()
 }
 
@@ -57,10 +59,16 @@ async fn a_wrong_pin_is_refused_and_the_right_pin_passes_the_handshake() {
     let right = server_fingerprint(&c);
     let mut wrong = right;
     wrong[0] ^= 0xff;
-    let err = client(&c, Trust::Fingerprint(wrong)).version().await.unwrap_err();
+    let err = client(&c, Trust::Fingerprint(wrong))
+        .version()
+        .await
+        .unwrap_err();
     assert!(matches!(err, ProxmoxError::Untrusted { .. }), "{err:?}");
     // The coordinator speaks gRPC, not the Proxmox API: the call fails, but after TLS.
-    let err = client(&c, Trust::Fingerprint(right)).version().await.unwrap_err();
+    let err = client(&c, Trust::Fingerprint(right))
+        .version()
+        .await
+        .unwrap_err();
     assert!(!matches!(err, ProxmoxError::Untrusted { .. }), "{err:?}");
     c.stop().await;
 }
@@ -72,7 +80,10 @@ async fn the_ca_trusts_certificates_for_the_right_name() {
     let err = client(&c, Trust::Ca(ca)).version().await.unwrap_err();
     assert!(!matches!(err, ProxmoxError::Untrusted { .. }), "{err:?}");
     let (foreign, _) = homelab::pki::CertificateAuthority::generate("other").unwrap();
-    let err = client(&c, Trust::Ca(foreign.cert_pem().to_owned())).version().await.unwrap_err();
+    let err = client(&c, Trust::Ca(foreign.cert_pem().to_owned()))
+        .version()
+        .await
+        .unwrap_err();
     assert!(matches!(err, ProxmoxError::Untrusted { .. }), "{err:?}");
     c.stop().await;
 }

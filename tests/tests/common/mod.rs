@@ -130,6 +130,8 @@ impl CoordinatorProcess {
     /// Runs the CLI against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("homelab"));
+        // `init` writes an example spec into the working directory: keep it in the temp dir.
+        cmd.current_dir(self.dir.path());
         cmd.arg("--state-dir").arg(self.state.root());
         if let Some(addr) = self.address {
             cmd.args(["--coordinator", &format!("https://{addr}")]);
