@@ -600,6 +600,120 @@ mod tests {
         assert!(err.to_string().contains("MiB"), "{err}");
     }
 
+    /// Each bad input, the key the error must name, and words the message must contain.
+    #[test]
+    fn bad_specs_are_refused_with_precise_messages() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "endpoint = \"https://192.168.0.250:8006\"",
+                "endpoint = \"http://192.168.0.250:8006\"",
+                "proxmox.endpoint",
+                "must start with https://",
+            ),
+            (
+                "token_id = \"homelab@pve!coordinator\"",
+                "token_id = \"homelab\"",
+                "proxmox.token_id",
+                "USER@REALM!TOKENID",
+            ),
+            (
+                "token_secret_env = \"HOMELAB_PROXMOX_TOKEN\"",
+                "token_secret_env = \"X\"\ntoken_secret_file = \"f\"",
+                "proxmox.token_secret_env",
+                "exactly one",
+            ),
+            (
+                "# fingerprint = \"AA:BB:…\"",
+                "fingerprint = \"AA:BB\"",
+                "proxmox.fingerprint",
+                "32 hex bytes",
+            ),
+            (
+                "cidr = \"192.168.0.0/24\"",
+                "cidr = \"192.168.0.0\"",
+                "network.cidr",
+                "not an IPv4 network",
+            ),
+            (
+                "cidr = \"192.168.0.0/24\"",
+                "cidr = \"192.168.0.0/4\"",
+                "network.cidr",
+                "between 8 and 32",
+            ),
+            (
+                "gateway = \"192.168.0.1\"",
+                "gateway = \"10.0.0.1\"",
+                "network.gateway",
+                "outside",
+            ),
+            (
+                "url = \"https://192.168.0.10:7443\"",
+                "url = \"192.168.0.10:7443\"",
+                "coordinator.url",
+                "https://",
+            ),
+            (
+                "role = \"server\"",
+                "role = \"agent\"",
+                "vm.role",
+                "at least one",
+            ),
+            (
+                "ip = \"192.168.0.102\"",
+                "ip = \"192.168.0.100\"",
+                "vm[2].ip",
+                "already used",
+            ),
+            (
+                "ip = \"192.168.0.102\"",
+                "ip = \"192.168.0.1\"",
+                "vm[2].ip",
+                "already used",
+            ),
+            ("cores = 2", "cores = 0", "vm[0].cores", "between 1 and 128"),
+            (
+                "memory = 2048",
+                "memory = 2048\ndisk = \"32\"",
+                "vm[2].disk",
+                "not a size",
+            ),
+        ];
+        for (find, replace, key, words) in cases {
+            let err = match with(find, replace) {
+                Ok(_) => panic!("{replace:?} was accepted"),
+                Err(e) => e,
+            };
+            let text = err.to_string();
+            assert!(text.contains(key), "{replace:?}: {text} should name {key}");
+            assert!(
+                text.contains(words),
+                "{replace:?}: {text} should say {words:?}"
+            );
+            assert!(text.starts_with("homelab.toml:"), "{text} names the file");
+        }
+        // Syntax and type errors come from the TOML parser, with line and key.
+        for (find, replace, words) in [
+            ("cores = 2", "cores = \"two\"", "invalid type"),
+            ("role = \"agent\"", "role = \"worker\"", "unknown variant"),
+            (
+                "[network]",
+                "[network]\nbridges = 1",
+                "unknown field `bridges`",
+            ),
+            (
+                "memory = 4096",
+                "memory = 4096\nmemory = 1",
+                "duplicate key",
+            ),
+        ] {
+            let text = with(find, replace).unwrap_err().to_string();
+            assert!(
+                text.contains(words) && text.contains("line"),
+                "{replace:?}: {text}"
+            );
+        }
+    }
+
     #[test]
     fn the_secret_never_sits_in_the_spec() {
         let err = with("token_secret_env", "token_secret")

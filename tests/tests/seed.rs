@@ -170,3 +170,32 @@ fn the_iso_carries_exact_names_and_the_cidata_label() {
         .unwrap();
     assert_eq!(extracted.stdout, agent);
 }
+
+/// Golden files: the rendered seed must match `tests/testdata/seed/`, so any change to what
+/// a node receives shows up in review. `UPDATE_GOLDEN=1 cargo test --test seed` rewrites them.
+#[test]
+fn rendered_seed_matches_the_golden_files() {
+    let seed = seed(InterfaceMatch::Mac("bc:24:11:5a:3c:7e".into()));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/seed");
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    for (name, data) in seed.files() {
+        let path = dir.join(name);
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, data).unwrap();
+            continue;
+        }
+        let golden = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
+                path.display()
+            )
+        });
+        assert_eq!(
+            String::from_utf8_lossy(data),
+            String::from_utf8_lossy(&golden),
+            "{name} differs from {}; if the change is intended, rerun with UPDATE_GOLDEN=1",
+            path.display()
+        );
+    }
+}
