@@ -8,6 +8,7 @@
 //! - [`spec`]: the cluster spec, `homelab.toml`, parsed strictly.
 //! - [`proxmox`]: the typed Proxmox VE API client.
 //! - [`seed`]: NoCloud seeds: rendering and the ISO image.
+//! - [`orchestrate`]: which node gets which K3s install plan, and when.
 //! - [`provision`]: reconciling the spec's VMs with Proxmox (plan, apply, destroy).
 //! - [`store`]: the SQLite state database and its migrations.
 //! - [`state_dir`]: the files of the state directory.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod core;
 pub mod fsutil;
 pub mod grpc;
+pub mod orchestrate;
 pub mod pki;
 pub mod provision;
 pub mod proxmox;

@@ -679,9 +679,8 @@ mod tests {
             ),
         ];
         for (find, replace, key, words) in cases {
-            let err = match with(find, replace) {
-                Ok(_) => panic!("{replace:?} was accepted"),
-                Err(e) => e,
+            let Err(err) = with(find, replace) else {
+                panic!("{replace:?} was accepted")
             };
             let text = err.to_string();
             assert!(text.contains(key), "{replace:?}: {text} should name {key}");
