@@ -42,6 +42,29 @@ const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
     );
     CREATE INDEX events_node ON events (node, id);",
+    // 2: the K3s cluster: its secrets (generated before any VM exists), the desired nodes
+    // and settings that `homelab apply` records, and what each node was last assigned.
+    "CREATE TABLE cluster (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        server_token  TEXT NOT NULL,   -- K3s server token (short form); never leaves this file but to servers
+        agent_token   TEXT NOT NULL,   -- K3s agent token (short form)
+        ca_hash       TEXT,            -- SHA-256 of the first server's cluster CA, once reported
+        settings_json TEXT             -- the spec's [k3s] settings, as orchestrated
+    );
+    CREATE TABLE desired_nodes (
+        name     TEXT PRIMARY KEY,
+        role     TEXT NOT NULL CHECK (role IN ('server', 'agent')),
+        ip       TEXT NOT NULL,
+        position INTEGER NOT NULL      -- spec order: the first server is the first by position
+    );
+    CREATE TABLE assignments (
+        node        TEXT PRIMARY KEY,
+        revision    INTEGER NOT NULL,  -- the directive revision it was pushed under
+        digest      TEXT NOT NULL,     -- SHA-256 of the plan content, to skip identical re-pushes
+        role        TEXT NOT NULL,
+        assigned_at INTEGER NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN k3s_ready INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

@@ -436,6 +436,122 @@ impl Store {
         rows.into_iter().map(NodeRow::into_record).collect()
     }
 
+    // ---- the K3s cluster ----------------------------------------------------------------
+
+    /// The cluster's tokens and CA hash; created with `generate` on first use, then stable.
+    pub fn cluster_secrets(
+        &mut self,
+        generate: impl FnOnce() -> (String, String),
+    ) -> Result<ClusterRecord, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing = tx
+            .query_row(
+                "SELECT server_token, agent_token, ca_hash, settings_json FROM cluster WHERE id = 1",
+                [],
+                cluster_from_row,
+            )
+            .optional()?;
+        let record = match existing {
+            Some(record) => record,
+            None => {
+                let (server_token, agent_token) = generate();
+                tx.execute(
+                    "INSERT INTO cluster (id, server_token, agent_token) VALUES (1, ?1, ?2)",
+                    params![server_token, agent_token],
+                )?;
+                ClusterRecord {
+                    server_token,
+                    agent_token,
+                    ca_hash: None,
+                    settings_json: None,
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(record)
+    }
+
+    /// Records the first server's cluster CA hash.
+    pub fn set_ca_hash(&mut self, hash: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE cluster SET ca_hash = ?1 WHERE id = 1", [hash])?;
+        Ok(())
+    }
+
+    /// Replaces the desired cluster: nodes in spec order and the K3s settings.
+    pub fn set_desired_cluster(
+        &mut self,
+        nodes: &[(String, String, String)],
+        settings_json: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM desired_nodes", [])?;
+        for (position, (name, role, ip)) in nodes.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO desired_nodes (name, role, ip, position) VALUES (?1, ?2, ?3, ?4)",
+                params![name, role, ip, i64::try_from(position).unwrap_or(i64::MAX)],
+            )?;
+        }
+        tx.execute(
+            "UPDATE cluster SET settings_json = ?1 WHERE id = 1",
+            [settings_json],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The desired nodes in spec order: (name, role, ip).
+    pub fn desired_nodes(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, role, ip FROM desired_nodes ORDER BY position")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records what a node was last assigned.
+    pub fn record_assignment(
+        &mut self,
+        node: &str,
+        revision: u64,
+        digest: &str,
+        role: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO assignments (node, revision, digest, role, assigned_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (node) DO UPDATE SET revision = ?2, digest = ?3, role = ?4, assigned_at = ?5",
+            params![node, i64::try_from(revision).unwrap_or(i64::MAX), digest, role, now],
+        )?;
+        Ok(())
+    }
+
+    /// What a node was last assigned: (revision, digest).
+    pub fn assignment(&self, node: &str) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT revision, digest FROM assignments WHERE node = ?1",
+                [node],
+                |r| Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Records whether K3s reports the node Ready.
+    pub fn set_k3s_ready(&mut self, node: &str, ready: bool) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET k3s_ready = ?2 WHERE name = ?1",
+            params![node, ready],
+        )?;
+        Ok(())
+    }
+
     // ---- events -------------------------------------------------------------------------
 
     /// Appends an event and returns it with its id.
@@ -495,6 +611,34 @@ impl Store {
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+/// The `cluster` row. `Debug` hides the tokens.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterRecord {
+    pub server_token: String,
+    pub agent_token: String,
+    pub ca_hash: Option<String>,
+    pub settings_json: Option<String>,
+}
+
+impl std::fmt::Debug for ClusterRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterRecord")
+            .field("server_token", &"<redacted>")
+            .field("agent_token", &"<redacted>")
+            .field("ca_hash", &self.ca_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+fn cluster_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRecord> {
+    Ok(ClusterRecord {
+        server_token: r.get(0)?,
+        agent_token: r.get(1)?,
+        ca_hash: r.get(2)?,
+        settings_json: r.get(3)?,
+    })
 }
 
 const NODE_SELECT: &str = "SELECT n.name, n.state, n.facts_json, n.created_at, n.enrolled_at,
@@ -651,6 +795,41 @@ mod tests {
             store.certificate("bb").unwrap().unwrap().revoked_at_unix,
             None
         );
+    }
+
+    #[test]
+    fn cluster_secrets_are_generated_once_and_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("homelab.db");
+        let first = {
+            let mut store = Store::open(&path).unwrap();
+            let first = store
+                .cluster_secrets(|| ("s1".into(), "a1".into()))
+                .unwrap();
+            store.set_ca_hash("ab").unwrap();
+            first
+        };
+        let mut store = Store::open(&path).unwrap();
+        let again = store
+            .cluster_secrets(|| panic!("must not generate twice"))
+            .unwrap();
+        assert_eq!(again.server_token, first.server_token);
+        assert_eq!(again.ca_hash.as_deref(), Some("ab"));
+        assert!(!format!("{again:?}").contains("s1"));
+        store
+            .set_desired_cluster(
+                &[
+                    ("b".into(), "server".into(), "10.0.0.2".into()),
+                    ("a".into(), "agent".into(), "10.0.0.1".into()),
+                ],
+                "{}",
+            )
+            .unwrap();
+        let desired = store.desired_nodes().unwrap();
+        assert_eq!(desired[0].0, "b", "spec order, not name order");
+        store.record_assignment("b", 3, "d1", "server", 1).unwrap();
+        store.record_assignment("b", 4, "d2", "server", 2).unwrap();
+        assert_eq!(store.assignment("b").unwrap(), Some((4, "d2".into())));
     }
 
     #[test]
