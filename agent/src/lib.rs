@@ -6,6 +6,8 @@
 //! - [`identity`]: the node key (generated here, never sent) and its certificate.
 //! - [`enroll`]: token plus CSR for a certificate, once.
 //! - [`link`]: one session on the `AgentLink.Connect` stream.
+//! - [`k3s`]: the install plan, the checkpointed executor and the task that applies
+//!   assignments across sessions.
 //! - [`backoff`]: capped, jittered reconnect delays.
 //! - [`transport`]: TLS channels pinned to the homelab CA.
 //! - [`facts`]: what the agent reports about its machine.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod enroll;
 pub mod facts;
 pub mod identity;
+pub mod k3s;
 pub mod link;
 pub mod logging;
 pub mod transport;
@@ -29,6 +32,7 @@ use crate::{
     config::AgentConfig,
     enroll::EnrollError,
     identity::{IdentityError, IdentityStore},
+    k3s::K3sHandle,
     link::SessionEnd,
 };
 
@@ -77,22 +81,30 @@ impl AgentError {
 
 /// Runs the agent until `shutdown` resolves or the node is decommissioned.
 /// `on_ready` is called once, when the first link session is established.
+///
+/// The K3s task starts first and lives as long as this function: it resumes an install a
+/// crash interrupted even while the coordinator is unreachable, and link sessions come and go
+/// around it. It is stopped and awaited before this returns.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnMut(),
 ) -> Result<Stopped, AgentError> {
-    tokio::select! {
-        result = run_forever(&config, on_ready) => result,
+    let mut k3s = K3sHandle::spawn(k3s::executor(&config));
+    let result = tokio::select! {
+        result = run_forever(&config, &mut k3s, on_ready) => result,
         () = shutdown => {
             info!("stopping");
             Ok(Stopped::Shutdown)
         }
-    }
+    };
+    k3s.shutdown().await;
+    result
 }
 
 async fn run_forever(
     config: &AgentConfig,
+    k3s: &mut K3sHandle,
     mut on_ready: impl FnMut(),
 ) -> Result<Stopped, AgentError> {
     let ca_pem = enroll::read_ca(config)?;
@@ -121,7 +133,7 @@ async fn run_forever(
             }
         };
         let started = tokio::time::Instant::now();
-        let result = link::run_session(config, &ca_pem, &identity, &store, || {
+        let result = link::run_session(config, &ca_pem, &identity, &store, k3s, || {
             if !ready_sent {
                 ready_sent = true;
                 on_ready();

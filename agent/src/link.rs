@@ -7,7 +7,12 @@
 //! 4. At two thirds of the certificate's lifetime, or when told to, generate a fresh key and
 //!    send its CSR on the stream (again every 10 s until answered). When the certificate
 //!    arrives, store it and end the session, so the next one presents the new certificate.
-//! 5. Acknowledge every directive acted on, and remember its revision.
+//! 5. Acknowledge every directive acted on, and remember the highest revision applied.
+//! 6. Hand an Assignment to the K3s task, which outlives the session; acknowledge it when the
+//!    task reports it applied or failed, not on arrival. Send the task's phase reports as
+//!    they come (one that could not be sent goes back to the task's queue); at the start of a
+//!    session, send those queued while disconnected, or resend the newest one. Health reports
+//!    carry the K3s unit state, and go out at once when it changes.
 
 use std::{
     fs,
@@ -27,6 +32,10 @@ use crate::{
     config::AgentConfig,
     facts,
     identity::{Identity, IdentityError, IdentityStore, PendingKey, unix, write_private},
+    k3s::{
+        K3sEvent, K3sHandle, K3sStatus, PhaseEvent, StepOutcome, Submission, install::PHASE,
+        task::idle_phase,
+    },
     transport::{self, TransportError},
 };
 
@@ -101,6 +110,7 @@ pub async fn run_session(
     ca_pem: &str,
     identity: &Identity,
     store: &IdentityStore,
+    k3s: &mut K3sHandle,
     on_established: impl FnOnce(),
 ) -> Result<SessionEnd, LinkError> {
     let channel = transport::connect(&config.coordinator_url, ca_pem, Some(identity)).await?;
@@ -140,7 +150,7 @@ pub async fn run_session(
         config.coordinator_url, welcome.node_name
     );
     on_established();
-    let end = serve(config, identity, store, &tx, &mut inbound, &welcome).await;
+    let end = serve(config, identity, store, k3s, &tx, &mut inbound, &welcome).await;
     Ok(end.unwrap_or_else(SessionEnd::Lost))
 }
 
@@ -148,22 +158,34 @@ async fn serve(
     config: &AgentConfig,
     identity: &Identity,
     store: &IdentityStore,
+    k3s: &mut K3sHandle,
     tx: &mpsc::Sender<AgentMessage>,
     inbound: &mut tonic::Streaming<CoordinatorMessage>,
     welcome: &pb::Welcome,
 ) -> Result<SessionEnd, LinkError> {
-    send(
-        tx,
-        Up::Phase(pb::PhaseReport {
-            phase: "ready".into(),
-            step: "waiting for a role".into(),
-            outcome: pb::StepOutcome::Succeeded as i32,
-            attempt: 1,
-            message: String::new(),
-        }),
-    )
-    .await?;
-    send(tx, Up::Health(health(identity))).await?;
+    let backlog = k3s.backlog();
+    if !backlog.iter().any(|e| matches!(e, K3sEvent::Phase(_))) {
+        let (phase, step) = idle_phase(&k3s.status());
+        send(
+            tx,
+            Up::Phase(pb::PhaseReport {
+                phase,
+                step,
+                outcome: pb::StepOutcome::Succeeded as i32,
+                attempt: 1,
+                message: String::new(),
+            }),
+        )
+        .await?;
+    }
+    for event in backlog {
+        forward(tx, &config.state_dir, event).await?;
+    }
+    // Health goes out on every tick, and at once when K3s health or the unit state changes.
+    let mut k3s_status = k3s.watch_status();
+    let mut reported = health_key(&k3s_status.borrow_and_update());
+    let mut k3s_running = true;
+    send(tx, Up::Health(health(identity, &k3s.status()))).await?;
     let interval = Duration::from_secs(u64::from(welcome.health_interval_seconds.max(1)));
     let mut health_tick =
         tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -209,17 +231,15 @@ async fn serve(
                             }
                             Some(pb::directive::Kind::Assignment(assignment)) => {
                                 info!("assigned role {:?} (revision {revision})", assignment.role);
-                                let path = config.state_dir.join("assignment.json");
-                                let record = serde_json::json!({
-                                    "revision": revision,
-                                    "role": assignment.role,
-                                    "plan": assignment.plan_json,
+                                // Acknowledged when the K3s task has applied it (rule 6).
+                                let submitted = k3s.submit(Submission {
+                                    revision,
+                                    role: assignment.role,
+                                    plan_json: assignment.plan_json,
                                 });
-                                write_private(&path, record.to_string().as_bytes()).map_err(|source| LinkError::State {
-                                    path: path.display().to_string(),
-                                    source,
-                                })?;
-                                ack(tx, &config.state_dir, revision, true, "assignment stored").await?;
+                                if !submitted {
+                                    ack(tx, &config.state_dir, revision, false, "the K3s task has stopped; restart the agent").await?;
+                                }
                             }
                             Some(pb::directive::Kind::Decommission(d)) => {
                                 warn!("decommissioned by the coordinator: {}", d.reason);
@@ -249,18 +269,77 @@ async fn serve(
                 pending = Some(key);
                 renew_timer.as_mut().reset(tokio::time::Instant::now() + RENEW_RETRY);
             }
+            event = k3s.next_event() => {
+                if let Err(e) = forward(tx, &config.state_dir, event.clone()).await {
+                    k3s.requeue(event);
+                    return Err(e);
+                }
+            }
+            changed = k3s_status.changed(), if k3s_running => {
+                if changed.is_err() {
+                    warn!("the K3s task has stopped");
+                    k3s_running = false;
+                    continue;
+                }
+                let status = k3s_status.borrow_and_update().clone();
+                let key = health_key(&status);
+                if key != reported {
+                    reported = key;
+                    send(tx, Up::Health(health(identity, &status))).await?;
+                }
+            }
             _ = health_tick.tick() => {
-                send(tx, Up::Health(health(identity))).await?;
+                send(tx, Up::Health(health(identity, &k3s.status()))).await?;
             }
         }
     }
 }
 
-fn health(identity: &Identity) -> pb::HealthReport {
+/// Sends a K3s task event: a phase report, or the acknowledgement of its directive.
+async fn forward(
+    tx: &mpsc::Sender<AgentMessage>,
+    state_dir: &Path,
+    event: K3sEvent,
+) -> Result<(), LinkError> {
+    match event {
+        K3sEvent::Phase(phase) => send(tx, Up::Phase(phase_report(phase))).await,
+        K3sEvent::Applied {
+            revision,
+            ok,
+            message,
+        } => ack(tx, state_dir, revision, ok, &message).await,
+    }
+}
+
+fn phase_report(event: PhaseEvent) -> pb::PhaseReport {
+    let outcome = match event.outcome {
+        StepOutcome::Started => pb::StepOutcome::Started,
+        StepOutcome::Succeeded => pb::StepOutcome::Succeeded,
+        StepOutcome::Failed => pb::StepOutcome::Failed,
+    };
+    pb::PhaseReport {
+        phase: PHASE.into(),
+        step: event.step.name().into(),
+        outcome: outcome as i32,
+        attempt: event.attempt,
+        message: event.message,
+    }
+}
+
+/// What makes a health report worth sending before the next tick.
+fn health_key(status: &K3sStatus) -> (bool, Option<String>, String) {
+    (
+        status.healthy(),
+        status.unit_state.clone(),
+        status.role.map(|r| r.to_string()).unwrap_or_default(),
+    )
+}
+
+fn health(identity: &Identity, k3s: &K3sStatus) -> pb::HealthReport {
     pb::HealthReport {
         observed_at_unix: unix(SystemTime::now()),
-        healthy: true,
-        detail: "agent running; no role assigned".into(),
+        healthy: k3s.healthy(),
+        detail: k3s.detail(),
         certificate_not_after_unix: identity.not_after_unix(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
     }
@@ -279,7 +358,9 @@ async fn ack(
     ok: bool,
     message: &str,
 ) -> Result<(), LinkError> {
-    if ok {
+    // Assignments are acknowledged when applied, so acknowledgements can arrive out of
+    // order: keep the highest.
+    if ok && revision > read_applied_revision(state_dir) {
         let path = state_dir.join("applied-revision");
         write_private(&path, revision.to_string().as_bytes()).map_err(|source| {
             LinkError::State {

@@ -1,0 +1,781 @@
+//! The K3s task: owns the [`Executor`] for the agent's whole life, so an install outlives any
+//! one link session. The link talks to it through a [`K3sHandle`].
+//!
+//! Rules:
+//! 1. On start, a plan a crash or reboot interrupted is resumed from its checkpoint before
+//!    anything else, and its directive acknowledged when it ends.
+//! 2. Assignments are applied one at a time. A newer one with a different plan stops the
+//!    current one before its next step; the stopped one is acknowledged as failed
+//!    ("superseded"), and the newer plan is compared with what is installed. The same plan
+//!    pushed again (after a reconnect) does not stop it; it is applied afterwards, which
+//!    changes nothing. Several waiting ones collapse into the newest.
+//! 3. Each step's start and end is queued as a [`K3sEvent::Phase`]; the link sends the queue
+//!    on the current session, and after a reconnect resends the newest phase.
+//! 4. Each directive is acknowledged once ([`K3sEvent::Applied`]): ok when applied, failed with
+//!    the error (redacted) when it cannot be. Transient failures are retried first, up to
+//!    [`MAX_ATTEMPTS`] times with a growing delay.
+//! 5. The unit state is refreshed after each plan and every [`UNIT_REFRESH`] while idle, and
+//!    published through a `watch` for health reports.
+//! 6. The queue is unbounded, but only plans add to it: at most two events per step per
+//!    attempt and one acknowledgement per directive.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use log::{error, info, warn};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    backoff::Backoff,
+    k3s::{
+        host::Host,
+        install::{Executor, K3sInstallError, PhaseEvent, Reporter, Step, StepOutcome},
+        plan::{self, InstallPlan, Role},
+    },
+};
+
+/// Attempts at one directive before it is acknowledged as failed.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// How often the unit state is read while nothing is being applied.
+pub const UNIT_REFRESH: Duration = Duration::from_secs(15);
+/// First delay before retrying a transiently failed plan; it doubles, up to [`RETRY_CAP`].
+const RETRY_BASE: Duration = Duration::from_secs(20);
+const RETRY_CAP: Duration = Duration::from_secs(120);
+
+/// An `Assignment` directive as it arrived.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Submission {
+    pub revision: u64,
+    pub role: String,
+    /// Holds tokens: never logged.
+    pub plan_json: String,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("revision", &self.revision)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the task tells the link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum K3sEvent {
+    /// Progress of a step (phase [`PHASE`](crate::k3s::install::PHASE)).
+    Phase(PhaseEvent),
+    /// The directive is done: acknowledge it.
+    Applied {
+        revision: u64,
+        ok: bool,
+        message: String,
+    },
+}
+
+/// What the node is doing about K3s, for health reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct K3sStatus {
+    /// The role of the newest plan, `None` before any.
+    pub role: Option<Role>,
+    pub revision: u64,
+    /// Release tag or channel.
+    pub version: String,
+    /// The plan revision and step being applied now.
+    pub applying: Option<(u64, Step)>,
+    /// `systemctl is-active` of the unit, as last read.
+    pub unit_state: Option<String>,
+    /// The last failure, redacted.
+    pub last_error: Option<String>,
+    /// `flannel-backend: none`: Nodes stay NotReady until a CNI is installed.
+    pub waits_for_cni: bool,
+}
+
+impl K3sStatus {
+    /// Healthy: no role assigned and nothing being applied, or the unit active.
+    pub fn healthy(&self) -> bool {
+        match self.role {
+            None => self.applying.is_none(),
+            Some(_) => self.applying.is_none() && self.unit_state.as_deref() == Some("active"),
+        }
+    }
+
+    /// One line for the health report.
+    pub fn detail(&self) -> String {
+        let Some(role) = self.role else {
+            return match self.applying {
+                Some((revision, step)) => format!("applying revision {revision}: {step}"),
+                None => "agent running; no role assigned".into(),
+            };
+        };
+        let mut detail = format!(
+            "{}.service {} (k3s {role} {}, revision {})",
+            role.unit(),
+            self.unit_state.as_deref().unwrap_or("unknown"),
+            self.version,
+            self.revision
+        );
+        if let Some((revision, step)) = self.applying {
+            detail.push_str(&format!("; applying revision {revision}: {step}"));
+        } else if self.waits_for_cni && self.unit_state.as_deref() == Some("active") {
+            detail.push_str("; flannel-backend none: waiting for CNI");
+        }
+        if let Some(error) = &self.last_error {
+            detail.push_str("; last error: ");
+            detail.push_str(error);
+        }
+        detail
+    }
+}
+
+/// The newest revision handed to the task, and its plan's [`plan::fingerprint`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Newest {
+    revision: u64,
+    fingerprint: Option<String>,
+}
+
+/// Shared between the handle (which sets it) and the running plan's reporter.
+type SharedNewest = Arc<Mutex<Newest>>;
+
+fn newest(shared: &SharedNewest) -> Newest {
+    // Nothing panics while holding this lock; a poisoned value is still a valid one.
+    shared.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The link's side of the K3s task.
+#[derive(Debug)]
+pub struct K3sHandle {
+    submissions: mpsc::UnboundedSender<Submission>,
+    events: mpsc::UnboundedReceiver<K3sEvent>,
+    status: watch::Receiver<K3sStatus>,
+    newest_submitted: SharedNewest,
+    last_phase: Option<PhaseEvent>,
+    /// An event a session took but could not send: first in the next backlog.
+    requeued: Option<K3sEvent>,
+    task: JoinHandle<()>,
+}
+
+impl K3sHandle {
+    /// Starts the task (rule 1: it resumes an interrupted plan first).
+    pub fn spawn<H: Host + 'static>(executor: Executor<H>) -> Self {
+        let (submissions, inbox) = mpsc::unbounded_channel();
+        let (outbox, events) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(K3sStatus::default());
+        let newest_submitted = SharedNewest::default();
+        let task = tokio::spawn(
+            Task {
+                executor,
+                inbox,
+                outbox,
+                status: status_tx,
+                newest_submitted: newest_submitted.clone(),
+                waiting: None,
+            }
+            .run(),
+        );
+        Self {
+            submissions,
+            events,
+            status,
+            newest_submitted,
+            last_phase: None,
+            requeued: None,
+            task,
+        }
+    }
+
+    /// Hands an Assignment to the task. It is acknowledged through [`K3sHandle::next_event`].
+    /// `false` when the task has stopped.
+    pub fn submit(&self, submission: Submission) -> bool {
+        {
+            let mut newest = self
+                .newest_submitted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if submission.revision > newest.revision {
+                *newest = Newest {
+                    revision: submission.revision,
+                    fingerprint: plan::fingerprint(&submission.plan_json),
+                };
+            }
+        }
+        self.submissions.send(submission).is_ok()
+    }
+
+    /// The next event; waits for ever once the task has stopped.
+    pub async fn next_event(&mut self) -> K3sEvent {
+        match self.events.recv().await {
+            Some(event) => {
+                self.note(&event);
+                event
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// For a new session (rule 3): the events queued while disconnected, and, when none of
+    /// them is a phase, the newest phase sent before, first.
+    pub fn backlog(&mut self) -> Vec<K3sEvent> {
+        let resend = self.last_phase.clone();
+        let mut queued: Vec<K3sEvent> = self.requeued.take().into_iter().collect();
+        while let Ok(event) = self.events.try_recv() {
+            self.note(&event);
+            queued.push(event);
+        }
+        if !queued.iter().any(|e| matches!(e, K3sEvent::Phase(_)))
+            && let Some(phase) = resend
+        {
+            queued.insert(0, K3sEvent::Phase(phase));
+        }
+        queued
+    }
+
+    /// Gives back an event from [`K3sHandle::next_event`] that the session failed to send, so
+    /// the next session sends it first.
+    pub fn requeue(&mut self, event: K3sEvent) {
+        self.requeued = Some(event);
+    }
+
+    /// The newest status.
+    pub fn status(&self) -> K3sStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch_status(&self) -> watch::Receiver<K3sStatus> {
+        self.status.clone()
+    }
+
+    /// Stops the task and waits for it. A plan in progress stops where it is (a running
+    /// command is killed) and resumes from its checkpoint at the next start.
+    pub async fn shutdown(self) {
+        self.task.abort();
+        match self.task.await {
+            Err(e) if e.is_panic() => error!("the K3s task panicked"),
+            _ => {}
+        }
+    }
+
+    fn note(&mut self, event: &K3sEvent) {
+        if let K3sEvent::Phase(phase) = event {
+            self.last_phase = Some(phase.clone());
+        }
+    }
+}
+
+/// The phase a new session reports when no step has been reported yet: waiting for a role,
+/// or the role in place.
+pub fn idle_phase(status: &K3sStatus) -> (String, String) {
+    match status.role {
+        None => ("ready".into(), "waiting for a role".into()),
+        Some(role) => (
+            "ready".into(),
+            format!("k3s {role} at revision {}", status.revision),
+        ),
+    }
+}
+
+struct Task<H> {
+    executor: Executor<H>,
+    inbox: mpsc::UnboundedReceiver<Submission>,
+    outbox: mpsc::UnboundedSender<K3sEvent>,
+    status: watch::Sender<K3sStatus>,
+    newest_submitted: SharedNewest,
+    /// A submission taken from the inbox while waiting to retry.
+    waiting: Option<Submission>,
+}
+
+impl<H: Host> Task<H> {
+    async fn run(mut self) {
+        self.publish_checkpoint();
+        self.resume().await;
+        self.refresh_unit().await;
+        let mut refresh = tokio::time::interval(UNIT_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = match self.waiting.take() {
+                Some(submission) => Some(submission),
+                None => tokio::select! {
+                    submission = self.inbox.recv() => match submission {
+                        Some(submission) => Some(submission),
+                        None => return,
+                    },
+                    _ = refresh.tick() => None,
+                },
+            };
+            match next {
+                Some(submission) => {
+                    let submission = self.newest(submission);
+                    self.handle(submission).await;
+                    self.refresh_unit().await;
+                }
+                None => self.refresh_unit().await,
+            }
+        }
+    }
+
+    /// Rule 2: of everything waiting, only the newest is applied.
+    fn newest(&mut self, mut current: Submission) -> Submission {
+        while let Ok(next) = self.inbox.try_recv() {
+            if next.revision > current.revision {
+                self.supersede(current.revision, next.revision);
+                current = next;
+            } else if next.revision < current.revision {
+                self.supersede(next.revision, current.revision);
+            }
+        }
+        current
+    }
+
+    fn supersede(&self, revision: u64, by: u64) {
+        info!("revision {revision} superseded by {by}");
+        self.send(K3sEvent::Applied {
+            revision,
+            ok: false,
+            message: format!("superseded by revision {by} before it was applied"),
+        });
+    }
+
+    /// Rule 1: finishes a plan left incomplete by a crash or reboot.
+    async fn resume(&mut self) {
+        match self.executor.checkpoint() {
+            Ok(Some(checkpoint)) if !checkpoint.is_complete() => {
+                self.apply(checkpoint.plan.revision, None, None).await;
+            }
+            Ok(_) => {}
+            Err(e) => warn!("{}", crate::chain(&e)),
+        }
+    }
+
+    async fn handle(&mut self, submission: Submission) {
+        let revision = submission.revision;
+        info!("applying revision {revision} (role {})", submission.role);
+        let plan =
+            match InstallPlan::for_directive(revision, &submission.role, &submission.plan_json) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    // Refused before any step: report it as a failed preflight.
+                    let message = crate::chain(&e);
+                    for (outcome, message) in [
+                        (StepOutcome::Started, String::new()),
+                        (StepOutcome::Failed, message.clone()),
+                    ] {
+                        self.send(K3sEvent::Phase(PhaseEvent {
+                            revision,
+                            step: Step::Preflight,
+                            outcome,
+                            attempt: 1,
+                            message,
+                        }));
+                    }
+                    self.done(revision, Err(message));
+                    return;
+                }
+            };
+        self.status.send_modify(|s| {
+            s.role.get_or_insert(plan.spec.role);
+        });
+        let fingerprint = plan::fingerprint(&submission.plan_json);
+        self.apply(revision, Some(&plan), fingerprint).await;
+    }
+
+    /// Applies `plan`, or resumes the checkpoint when `None`, retrying transient failures
+    /// (rule 4), then acknowledges `revision`.
+    async fn apply(
+        &mut self,
+        revision: u64,
+        plan: Option<&InstallPlan>,
+        fingerprint: Option<String>,
+    ) {
+        let mut backoff = Backoff::with_jitter(RETRY_BASE, RETRY_CAP, rand::random::<f64>);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let result = match plan {
+                Some(plan) => {
+                    let mut reporter = self.reporter(revision, fingerprint.clone());
+                    self.executor.apply(plan, &mut reporter).await.map(Some)
+                }
+                None => {
+                    let mut reporter = self.reporter(revision, fingerprint.clone());
+                    self.executor.resume(&mut reporter).await
+                }
+            };
+            self.publish_checkpoint();
+            let error = match result {
+                Ok(applied) => {
+                    let message =
+                        applied.map_or_else(|| "nothing left to do".into(), |a| a.to_string());
+                    self.done(revision, Ok(message));
+                    return;
+                }
+                Err(K3sInstallError::Interrupted { next }) => {
+                    info!("revision {revision} stopped before {next}");
+                    self.supersede(revision, newest(&self.newest_submitted).revision);
+                    return;
+                }
+                Err(e) => e,
+            };
+            // Host output in errors is redacted by the executor; plan errors hold no token.
+            let message = crate::chain(&error);
+            if !error.is_transient() || attempt == MAX_ATTEMPTS {
+                self.done(revision, Err(message));
+                return;
+            }
+            let delay = backoff.next_delay();
+            warn!("revision {revision} failed ({message}); retrying in {delay:.0?}");
+            self.status
+                .send_modify(|s| s.last_error = Some(message.clone()));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                submission = self.inbox.recv() => {
+                    // A newer directive replaces the retry (rule 2).
+                    self.waiting = submission;
+                    self.done(revision, Err(message));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn done(&self, revision: u64, result: Result<String, String>) {
+        let (ok, message) = match result {
+            Ok(message) => {
+                info!("revision {revision} applied: {message}");
+                (true, message)
+            }
+            Err(message) => {
+                warn!("revision {revision} failed: {message}");
+                self.status
+                    .send_modify(|s| s.last_error = Some(message.clone()));
+                (false, message)
+            }
+        };
+        if ok {
+            self.status.send_modify(|s| s.last_error = None);
+        }
+        self.status.send_modify(|s| s.applying = None);
+        self.send(K3sEvent::Applied {
+            revision,
+            ok,
+            message,
+        });
+    }
+
+    fn send(&self, event: K3sEvent) {
+        // The handle is gone only at shutdown, when nobody listens any more.
+        let _ = self.outbox.send(event);
+    }
+
+    fn reporter(&self, revision: u64, fingerprint: Option<String>) -> TaskReporter {
+        TaskReporter {
+            outbox: self.outbox.clone(),
+            status: self.status.clone(),
+            newest_submitted: self.newest_submitted.clone(),
+            revision,
+            fingerprint,
+        }
+    }
+
+    /// Role, revision and version from the checkpoint.
+    fn publish_checkpoint(&self) {
+        match self.executor.checkpoint() {
+            Ok(Some(checkpoint)) => self.status.send_modify(|s| {
+                s.role = Some(checkpoint.plan.role);
+                s.revision = checkpoint.plan.revision;
+                s.version = checkpoint.plan.version_text();
+                s.waits_for_cni = checkpoint.plan.waits_for_cni();
+                if checkpoint.last_error.is_some() {
+                    s.last_error.clone_from(&checkpoint.last_error);
+                }
+            }),
+            Ok(None) => {}
+            Err(e) => warn!("{}", crate::chain(&e)),
+        }
+    }
+
+    async fn refresh_unit(&self) {
+        let Some(role) = self.status.borrow().role else {
+            return;
+        };
+        let state = match self.executor.unit_state(role).await {
+            Ok(state) => state,
+            Err(e) => {
+                warn!("{}", crate::chain(&e));
+                "unknown".into()
+            }
+        };
+        self.status.send_if_modified(|s| {
+            let changed = s.unit_state.as_deref() != Some(state.as_str());
+            s.unit_state = Some(state);
+            changed
+        });
+    }
+}
+
+/// Queues progress, tracks the current step, and stops a plan when a newer one waits.
+struct TaskReporter {
+    outbox: mpsc::UnboundedSender<K3sEvent>,
+    status: watch::Sender<K3sStatus>,
+    newest_submitted: SharedNewest,
+    revision: u64,
+    /// `None` for a plan resumed from the checkpoint: any newer directive stops it.
+    fingerprint: Option<String>,
+}
+
+impl Reporter for TaskReporter {
+    fn report(&mut self, event: PhaseEvent) {
+        let applying =
+            (event.outcome == StepOutcome::Started).then_some((event.revision, event.step));
+        self.status.send_modify(|s| s.applying = applying);
+        let _ = self.outbox.send(K3sEvent::Phase(event));
+    }
+
+    fn proceed(&mut self, _next: Step) -> bool {
+        let newest = newest(&self.newest_submitted);
+        newest.revision <= self.revision
+            || (self.fingerprint.is_some() && newest.fingerprint == self.fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::k3s::{fake::FakeHost, install::ExecutorSettings};
+
+    fn submission(revision: u64, node_ip: &str) -> Submission {
+        Submission {
+            revision,
+            role: "server".into(),
+            plan_json: json!({
+                "schema": 1, "revision": revision, "install_revision": 1, "role": "server",
+                "version": "v1.31.4+k3s1", "installer": {"file": "/opt/install.sh"},
+                "token": "task-test-token", "config": {"node-ip": node_ip}
+            })
+            .to_string(),
+        }
+    }
+
+    fn handle(dir: &std::path::Path) -> K3sHandle {
+        let host = FakeHost::default();
+        host.put("/opt/install.sh", b"#!/bin/sh\n");
+        K3sHandle::spawn(Executor::new(
+            host,
+            dir.to_owned(),
+            ExecutorSettings {
+                poll_interval: Duration::from_millis(100),
+                ..ExecutorSettings::default()
+            },
+        ))
+    }
+
+    async fn until_applied(handle: &mut K3sHandle) -> (Vec<PhaseEvent>, (u64, bool, String)) {
+        let mut phases = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(600), handle.next_event())
+                .await
+                .expect("an acknowledgement")
+            {
+                K3sEvent::Phase(phase) => phases.push(phase),
+                K3sEvent::Applied {
+                    revision,
+                    ok,
+                    message,
+                } => return (phases, (revision, ok, message)),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_assignment_is_reported_step_by_step_then_acknowledged_and_health_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = handle(dir.path());
+        assert!(handle.status().healthy());
+        assert_eq!(handle.status().detail(), "agent running; no role assigned");
+        assert!(handle.submit(submission(4, "10.0.0.1")));
+        let (phases, (revision, ok, message)) = until_applied(&mut handle).await;
+        assert_eq!((revision, ok), (4, true), "{message}");
+        assert_eq!(phases.len(), 10);
+        assert!(phases.iter().all(|p| p.revision == 4));
+        let mut status = handle.watch_status();
+        let status = status
+            .wait_for(|s| s.unit_state.is_some())
+            .await
+            .unwrap()
+            .clone();
+        assert!(status.healthy(), "{status:?}");
+        assert!(
+            status
+                .detail()
+                .starts_with("k3s.service active (k3s server v1.31.4+k3s1, revision 4)"),
+            "{}",
+            status.detail()
+        );
+
+        // A session that starts now resends the newest phase.
+        let backlog = handle.backlog();
+        assert_eq!(backlog, [K3sEvent::Phase(phases.last().unwrap().clone())]);
+        // An acknowledgement a dying session could not send comes first in the next one.
+        let ack = K3sEvent::Applied {
+            revision,
+            ok,
+            message,
+        };
+        handle.requeue(ack.clone());
+        assert_eq!(handle.backlog(), [K3sEvent::Phase(phases[9].clone()), ack]);
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_plan_is_a_failed_preflight_and_a_failed_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = handle(dir.path());
+        let mut bad = submission(4, "10.0.0.1");
+        bad.role = "agent".into();
+        handle.submit(bad);
+        let (phases, (revision, ok, message)) = until_applied(&mut handle).await;
+        assert_eq!((revision, ok), (4, false));
+        assert!(message.contains("role \"agent\""), "{message}");
+        assert_eq!(phases[1].step, Step::Preflight);
+        assert_eq!(phases[1].outcome, StepOutcome::Failed);
+        handle.shutdown().await;
+    }
+
+    /// Submits `first`, then `second` while `first` is at run-installer.
+    async fn push_mid_install(
+        handle: &mut K3sHandle,
+        first: Submission,
+        second: Submission,
+    ) -> Vec<K3sEvent> {
+        handle.submit(first);
+        let mut events = Vec::new();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(600), handle.next_event())
+                .await
+                .expect("an event");
+            let at_installer = matches!(&event, K3sEvent::Phase(p)
+                if p.step == Step::RunInstaller && p.outcome == StepOutcome::Started);
+            events.push(event);
+            if at_installer {
+                break;
+            }
+        }
+        let revision = second.revision;
+        handle.submit(second);
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(600), handle.next_event())
+                .await
+                .expect("an event");
+            let last = matches!(&event, K3sEvent::Applied { revision: r, .. } if *r == revision);
+            events.push(event);
+            if last {
+                return events;
+            }
+        }
+    }
+
+    fn acks(events: &[K3sEvent]) -> Vec<(u64, bool)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                K3sEvent::Applied { revision, ok, .. } => Some((*revision, *ok)),
+                K3sEvent::Phase(_) => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_plan_pushed_again_mid_install_does_not_interrupt_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = handle(dir.path());
+        let events = push_mid_install(
+            &mut handle,
+            submission(4, "10.0.0.1"),
+            submission(5, "10.0.0.1"),
+        )
+        .await;
+        assert_eq!(acks(&events), [(4, true), (5, true)]);
+        let started_after_push: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                K3sEvent::Phase(p) if p.revision == 5 => Some(p.step),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            started_after_push.is_empty(),
+            "revision 5 changed nothing: {started_after_push:?}"
+        );
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_different_plan_mid_install_stops_the_current_one_before_its_next_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = handle(dir.path());
+        let events = push_mid_install(
+            &mut handle,
+            submission(4, "10.0.0.1"),
+            submission(5, "10.0.0.2"),
+        )
+        .await;
+        assert_eq!(acks(&events), [(4, false), (5, true)]);
+        let revision_4_steps: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                K3sEvent::Phase(p) if p.revision == 4 && p.outcome == StepOutcome::Succeeded => {
+                    Some(p.step)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            revision_4_steps,
+            [
+                Step::Preflight,
+                Step::WriteConfig,
+                Step::FetchInstaller,
+                Step::RunInstaller
+            ],
+            "revision 4 stopped before start"
+        );
+        // Revision 5 finds the installer done and rewrites only the config, then starts.
+        let revision_5_steps: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                K3sEvent::Phase(p) if p.revision == 5 && p.outcome == StepOutcome::Succeeded => {
+                    Some(p.step)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            revision_5_steps,
+            [Step::Preflight, Step::WriteConfig, Step::Start]
+        );
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_assignments_collapse_into_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = handle(dir.path());
+        for (revision, ip) in [(4, "10.0.0.1"), (5, "10.0.0.2"), (6, "10.0.0.3")] {
+            handle.submit(submission(revision, ip));
+        }
+        let mut acks = Vec::new();
+        while acks.last().is_none_or(|(r, _)| *r != 6) {
+            let (_, (revision, ok, _)) = until_applied(&mut handle).await;
+            acks.push((revision, ok));
+        }
+        assert_eq!(acks.last(), Some(&(6, true)));
+        assert!(acks[..acks.len() - 1].iter().all(|(_, ok)| !ok), "{acks:?}");
+        handle.shutdown().await;
+    }
+}

@@ -1,0 +1,178 @@
+#!/bin/sh
+# fake-install.sh: stands in for the K3s install.sh (https://get.k3s.io) in tests.
+#
+# It reads the same variables as the real script (see docs k3s.md section 1 and install.sh's
+# setup_env) and writes the same files, but downloads nothing and starts nothing it should
+# not:
+#   INSTALL_K3S_EXEC          first word server|agent is the command (as install.sh: a first
+#                             word that is empty or starts with '-' means server, or agent
+#                             when K3S_URL is set); the rest becomes ExecStart arguments
+#   INSTALL_K3S_VERSION       exact release; else INSTALL_K3S_CHANNEL (default stable)
+#   INSTALL_K3S_BIN_DIR       default /usr/local/bin
+#   INSTALL_K3S_SYSTEMD_DIR   default /etc/systemd/system
+#   INSTALL_K3S_NAME          unit k3s-<name>
+#   INSTALL_K3S_TYPE          systemd Type= (default notify)
+#   INSTALL_K3S_SKIP_ENABLE   true: return before enabling and starting
+#   INSTALL_K3S_SKIP_START    true: enable and daemon-reload, then return without starting
+#   K3S_*, CONTAINERD_*, proxies: copied into <unit>.service.env (0600), as the real script
+#                             does; the agent must pass none
+# Writes ${BIN_DIR}/k3s (a stub), kubectl/crictl/ctr links, k3s-killall.sh,
+# k3s-uninstall.sh or k3s-agent-uninstall.sh, ${SYSTEMD_DIR}/<unit>.service and
+# <unit>.service.env, then runs `systemctl enable <unit file>` and `systemctl daemon-reload`
+# through PATH, like the real script.
+#
+# Every invocation is appended to fake-install.log next to this script: its arguments and
+# its whole environment, so a test can prove that no token reached it.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+log="$here/fake-install.log"
+
+info() { echo "[INFO]  $*"; }
+fatal() { echo "[ERROR] $*" >&2; exit 1; }
+
+# --- record the invocation ---------------------------------------------------------------
+{
+    echo "invocation"
+    echo "argv $*"
+    env | sort | sed 's/^/env /'
+} >>"$log"
+
+# --- setup_env ---------------------------------------------------------------------------
+# shellcheck disable=SC2086 # word splitting of INSTALL_K3S_EXEC is what install.sh does
+set -- ${INSTALL_K3S_EXEC:-} "$@"
+case "${1:-}" in
+    -* | "")
+        if [ -z "${K3S_URL:-}" ]; then
+            CMD_K3S=server
+        else
+            if [ -z "${K3S_TOKEN:-}" ] && [ -z "${K3S_TOKEN_FILE:-}" ]; then
+                fatal "Defaulted k3s exec command to 'agent' because K3S_URL is defined, but K3S_TOKEN or K3S_TOKEN_FILE is not defined."
+            fi
+            CMD_K3S=agent
+        fi
+        ;;
+    *)
+        CMD_K3S=$1
+        shift
+        ;;
+esac
+case "$CMD_K3S" in
+    server | agent) ;;
+    *) fatal "fake-install.sh: unknown command ${CMD_K3S}" ;;
+esac
+CMD_K3S_EXEC="$CMD_K3S${*:+ $*}"
+
+if [ -n "${INSTALL_K3S_NAME:-}" ]; then
+    SYSTEM_NAME=k3s-${INSTALL_K3S_NAME}
+elif [ "$CMD_K3S" = server ]; then
+    SYSTEM_NAME=k3s
+else
+    SYSTEM_NAME=k3s-${CMD_K3S}
+fi
+SYSTEMD_TYPE=${INSTALL_K3S_TYPE:-notify}
+BIN_DIR=${INSTALL_K3S_BIN_DIR:-/usr/local/bin}
+SYSTEMD_DIR=${INSTALL_K3S_SYSTEMD_DIR:-/etc/systemd/system}
+SERVICE_K3S=${SYSTEM_NAME}.service
+UNINSTALL_K3S_SH=${BIN_DIR}/${SYSTEM_NAME}-uninstall.sh
+KILLALL_K3S_SH=${BIN_DIR}/k3s-killall.sh
+FILE_K3S_SERVICE=${SYSTEMD_DIR}/${SERVICE_K3S}
+FILE_K3S_ENV=${SYSTEMD_DIR}/${SERVICE_K3S}.env
+
+if [ -n "${INSTALL_K3S_VERSION:-}" ]; then
+    VERSION_K3S=$INSTALL_K3S_VERSION
+else
+    VERSION_K3S="v0.0.0+fake-${INSTALL_K3S_CHANNEL:-stable}"
+fi
+info "Using ${VERSION_K3S} as release"
+
+# --- download_and_verify, create_symlinks --------------------------------------------------
+mkdir -p "$BIN_DIR" "$SYSTEMD_DIR"
+cat >"$BIN_DIR/k3s" <<STUB
+#!/bin/sh
+# fake k3s written by fake-install.sh
+case "\${1:-}" in
+    --version | -v) echo "k3s version ${VERSION_K3S} (fake)" ;;
+    *) echo "fake k3s does not run: \$*" >&2; exit 1 ;;
+esac
+STUB
+chmod 755 "$BIN_DIR/k3s"
+info "Installing k3s to $BIN_DIR/k3s"
+for cmd in kubectl crictl ctr; do
+    ln -sf k3s "$BIN_DIR/$cmd"
+done
+
+# --- create_killall, create_uninstall -------------------------------------------------------
+cat >"$KILLALL_K3S_SH" <<'KILLALL'
+#!/bin/sh
+# fake k3s-killall.sh: the real one stops k3s*.service and cleans up mounts and iptables
+echo "fake k3s-killall.sh"
+KILLALL
+chmod 755 "$KILLALL_K3S_SH"
+cat >"$UNINSTALL_K3S_SH" <<UNINSTALL
+#!/bin/sh
+# fake ${SYSTEM_NAME}-uninstall.sh: the real one runs k3s-killall.sh and removes the unit,
+# its env file and the K3s directories, leaving /etc/rancher/node
+echo "fake ${SYSTEM_NAME}-uninstall.sh"
+UNINSTALL
+chmod 755 "$UNINSTALL_K3S_SH"
+
+# --- create_env_file: the variables the real script copies, nothing else --------------------
+umask 077
+: >"$FILE_K3S_ENV"
+chmod 0600 "$FILE_K3S_ENV"
+env | grep -E '^(K3S|CONTAINERD)_' >>"$FILE_K3S_ENV" || true
+env | grep -Ei '^(NO|HTTP|HTTPS)_PROXY' >>"$FILE_K3S_ENV" || true
+umask 022
+info "env: Creating environment file ${FILE_K3S_ENV}"
+
+# --- create_systemd_service_file -------------------------------------------------------------
+info "systemd: Creating service file ${FILE_K3S_SERVICE}"
+cat >"$FILE_K3S_SERVICE" <<SERVICE
+[Unit]
+Description=Lightweight Kubernetes
+Documentation=https://k3s.io
+Wants=network-online.target
+After=network-online.target
+
+[Install]
+WantedBy=multi-user.target
+
+[Service]
+Type=${SYSTEMD_TYPE}
+EnvironmentFile=-/etc/default/%N
+EnvironmentFile=-/etc/sysconfig/%N
+EnvironmentFile=-${FILE_K3S_ENV}
+KillMode=process
+Delegate=yes
+User=root
+LimitNOFILE=1048576
+LimitNPROC=infinity
+LimitCORE=infinity
+TasksMax=infinity
+TimeoutStartSec=0
+Restart=always
+RestartSec=5s
+ExecStartPre=-/sbin/modprobe br_netfilter
+ExecStartPre=-/sbin/modprobe overlay
+ExecStart=${BIN_DIR}/k3s \\
+    ${CMD_K3S_EXEC}
+SERVICE
+chmod 644 "$FILE_K3S_SERVICE"
+
+# --- service_enable_and_start ----------------------------------------------------------------
+if [ "${INSTALL_K3S_SKIP_ENABLE:-}" = true ]; then
+    echo "result skip-enable" >>"$log"
+    exit 0
+fi
+info "systemd: Enabling ${SYSTEM_NAME} unit"
+systemctl enable "$FILE_K3S_SERVICE" >/dev/null
+systemctl daemon-reload >/dev/null
+if [ "${INSTALL_K3S_SKIP_START:-}" = true ]; then
+    echo "result skip-start" >>"$log"
+    exit 0
+fi
+# The real script restarts here, blocking until K3s sends READY=1 (k3s.md section 1.5).
+info "systemd: Starting ${SYSTEM_NAME}"
+echo "result started" >>"$log"
+systemctl restart "$SYSTEM_NAME"
