@@ -342,6 +342,18 @@ fn health(identity: &Identity, k3s: &K3sStatus) -> pb::HealthReport {
         detail: k3s.detail(),
         certificate_not_after_unix: identity.not_after_unix(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        k3s: k3s.role.map(|role| pb::K3sHealth {
+            role: role.to_string(),
+            unit: role.unit().to_owned(),
+            unit_state: k3s.unit_state.clone().unwrap_or_default(),
+            version: k3s.version.clone(),
+            applied_revision: k3s.revision,
+            // The server's view of the cluster (API readiness, CA hash, Node conditions) is
+            // not read yet; the coordinator treats its absence as "not Ready".
+            api_ready: false,
+            cluster_ca_sha256: String::new(),
+            nodes: Vec::new(),
+        }),
     }
 }
 

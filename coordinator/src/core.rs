@@ -20,9 +20,12 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
+    orchestrate::{ClusterSecrets, ClusterSettings, DesiredNode, Observed, decide},
     pki::{CertificateAuthority, IssuedCert, NodeName, PeerCert, PkiError},
+    spec::Role,
     store::{
-        EventRecord, Facts, HealthRecord, NodeRecord, NodeState, PhaseRecord, Store, StoreError,
+        EventRecord, Facts, HealthRecord, K3sHealthRecord, NodeRecord, NodeState, PhaseRecord,
+        Store, StoreError,
     },
     token::hash_token,
 };
@@ -81,6 +84,14 @@ pub enum LinkError {
     NotEnrolled(String),
     #[error("no node named {0:?}")]
     UnknownNode(String),
+    #[error(
+        "{node} has the same {what} as enrolled node {other}; reset it on the template (`cloud-init clean --machine-id`) and rebuild the VM"
+    )]
+    Duplicate {
+        node: String,
+        other: String,
+        what: String,
+    },
     #[error("invalid certificate signing request")]
     Csr(#[source] PkiError),
     #[error("state database")]
@@ -366,6 +377,38 @@ impl Coordinator {
 
     /// Opens a session for an admitted node that said hello, replacing any older one.
     pub fn attach(&self, node: &NodeName, facts: &Facts) -> Result<Session, LinkError> {
+        // A template cloned without a reset machine-id gives two nodes one identity: DHCP
+        // leases, journald and K3s all get confused. Refuse the second one by name.
+        let twin = {
+            let store = self.store();
+            store.nodes()?.into_iter().find(|other| {
+                other.name != node.as_str()
+                    && other.state == NodeState::Enrolled
+                    && other.facts.as_ref().is_some_and(|f| {
+                        (!facts.machine_id.is_empty() && f.machine_id == facts.machine_id)
+                            || (!facts.hostname.is_empty() && f.hostname == facts.hostname)
+                    })
+            })
+        };
+        if let Some(twin) = twin {
+            let what = if twin
+                .facts
+                .as_ref()
+                .is_some_and(|f| f.machine_id == facts.machine_id)
+            {
+                format!("machine-id {}", facts.machine_id)
+            } else {
+                format!("hostname {}", facts.hostname)
+            };
+            let err = LinkError::Duplicate {
+                node: node.to_string(),
+                other: twin.name,
+                what,
+            };
+            warn!(node = %node, error = %err, "link refused");
+            self.event(node.as_str(), "node.duplicate_identity", &err.to_string());
+            return Err(err);
+        }
         self.store()
             .touch_node(node.as_str(), Some(facts), now_unix())?;
         let generation = self
@@ -431,6 +474,15 @@ impl Coordinator {
     /// node is connected. Directives are not queued for absent nodes: the role orchestration
     /// keeps each node's desired state and pushes it again when the node says hello.
     pub fn push(&self, node: &str, directive: Directive) -> Result<PushOutcome, LinkError> {
+        self.push_with(node, |_| directive)
+    }
+
+    /// Like [`Self::push`], for a directive that embeds its own revision.
+    pub fn push_with(
+        &self,
+        node: &str,
+        build: impl FnOnce(u64) -> Directive,
+    ) -> Result<PushOutcome, LinkError> {
         let name = NodeName::parse(node).map_err(|_| LinkError::UnknownNode(node.to_owned()))?;
         if self.store().node(node)?.is_none() {
             return Err(LinkError::UnknownNode(node.to_owned()));
@@ -445,6 +497,7 @@ impl Coordinator {
             Err(mpsc::error::TrySendError::Closed(())) => return Ok(PushOutcome::NotConnected),
         };
         let revision = self.store().next_directive_revision(node)?;
+        let directive = build(revision);
         let kind = match &directive {
             Directive::Assignment { .. } => "assignment",
             Directive::RenewCertificate => "renew_certificate",
@@ -487,8 +540,17 @@ impl Coordinator {
     }
 
     /// Records a phase report.
-    pub fn report_phase(&self, node: &NodeName, phase: PhaseRecord) -> Result<(), LinkError> {
-        self.store().set_last_phase(node.as_str(), &phase)?;
+    pub fn report_phase(&self, node: &NodeName, mut phase: PhaseRecord) -> Result<(), LinkError> {
+        {
+            let mut store = self.store();
+            let previous = store.node(node.as_str())?.and_then(|n| n.last_phase);
+            phase.last_error = match phase.outcome.as_str() {
+                "failed" => Some(phase.message.clone()),
+                "succeeded" => None,
+                _ => previous.and_then(|p| p.last_error),
+            };
+            store.set_last_phase(node.as_str(), &phase)?;
+        }
         let mut message = format!("{} / {}: {}", phase.phase, phase.step, phase.outcome);
         if !phase.message.is_empty() {
             message.push_str(": ");
@@ -506,6 +568,9 @@ impl Coordinator {
             store.set_last_health(node.as_str(), &health, now_unix())?;
             previous.is_none_or(|p| p.healthy != health.healthy || p.detail != health.detail)
         };
+        if let Some(k3s) = &health.k3s {
+            self.observe_k3s(node, k3s)?;
+        }
         if changed {
             let state = if health.healthy {
                 "healthy"
@@ -518,6 +583,194 @@ impl Coordinator {
                 &format!("{state}: {}", health.detail),
             );
         }
+        Ok(())
+    }
+
+    /// Learns readiness and the cluster CA hash from a node's K3s health, then orchestrates.
+    /// Readiness comes only from a server's view of the cluster: a worker is Ready when a
+    /// server sees it Ready.
+    fn observe_k3s(&self, node: &NodeName, k3s: &K3sHealthRecord) -> Result<(), LinkError> {
+        let mut changes = Vec::new();
+        {
+            let mut store = self.store();
+            let desired = store.desired_nodes()?;
+            let first_server = desired
+                .iter()
+                .find(|(_, role, _)| role == "server")
+                .map(|d| d.0.clone());
+            let active = k3s.unit_state == "active";
+            if k3s.role == "server"
+                && first_server.as_deref() == Some(node.as_str())
+                && !k3s.cluster_ca_sha256.is_empty()
+            {
+                let known = store.cluster_secrets(generate_tokens)?.ca_hash;
+                if known.as_deref() != Some(k3s.cluster_ca_sha256.as_str()) {
+                    store.set_ca_hash(&k3s.cluster_ca_sha256)?;
+                    changes.push((
+                        String::new(),
+                        "cluster.ca_hash",
+                        format!(
+                            "first server {node} reported cluster CA {}",
+                            k3s.cluster_ca_sha256
+                        ),
+                    ));
+                }
+            }
+            let mut readiness: Vec<(String, bool)> = Vec::new();
+            if k3s.role == "server" && active && k3s.api_ready {
+                readiness.extend(
+                    k3s.nodes
+                        .iter()
+                        .map(|(name, ready, _)| (name.clone(), *ready)),
+                );
+            }
+            if !active {
+                readiness.push((node.to_string(), false));
+            }
+            for (name, ready) in readiness {
+                let Some(record) = store.node(&name)? else {
+                    continue;
+                };
+                if record.k3s_ready != ready {
+                    store.set_k3s_ready(&name, ready)?;
+                    let (kind, text) = if ready {
+                        ("node.ready", format!("Ready (seen by {node})"))
+                    } else {
+                        ("node.not_ready", format!("not Ready (seen by {node})"))
+                    };
+                    changes.push((name, kind, text));
+                }
+            }
+        }
+        for (name, kind, text) in changes {
+            self.event(&name, kind, &text);
+        }
+        self.orchestrate(None);
+        Ok(())
+    }
+
+    /// Assigns every node whose plan may be assigned now and differs from what it has
+    /// (rules in [`crate::orchestrate`]). `hello` names a node that just (re)connected: it
+    /// gets its plan again even if unchanged, since queued directives do not survive a
+    /// reconnect. Failures are logged; the next trigger retries.
+    pub fn orchestrate(&self, hello: Option<&NodeName>) {
+        if let Err(e) = self.try_orchestrate(hello) {
+            warn!(error = %crate::error_chain(&e), "orchestration failed");
+        }
+    }
+
+    fn try_orchestrate(&self, hello: Option<&NodeName>) -> Result<(), LinkError> {
+        let (drafts, previous) = {
+            let mut store = self.store();
+            let desired_rows = store.desired_nodes()?;
+            if desired_rows.is_empty() {
+                return Ok(());
+            }
+            let record = store.cluster_secrets(generate_tokens)?;
+            let Some(settings) = record
+                .settings_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<ClusterSettings>(j).ok())
+            else {
+                return Ok(());
+            };
+            let desired: Vec<DesiredNode> = desired_rows
+                .iter()
+                .filter_map(|(name, role, ip)| {
+                    Some(DesiredNode {
+                        name: name.clone(),
+                        role: if role == "server" {
+                            Role::Server
+                        } else {
+                            Role::Agent
+                        },
+                        ip: ip.parse().ok()?,
+                    })
+                })
+                .collect();
+            let connected = self.connected_nodes();
+            let mut observed = HashMap::new();
+            for node in &desired {
+                let ready = store.node(&node.name)?.is_some_and(|n| n.k3s_ready);
+                observed.insert(
+                    node.name.clone(),
+                    Observed {
+                        connected: connected.contains(&node.name),
+                        ready,
+                    },
+                );
+            }
+            let secrets = ClusterSecrets {
+                server_token: record.server_token,
+                agent_token: record.agent_token,
+                ca_hash: record.ca_hash,
+            };
+            let drafts = decide(&desired, &settings, &secrets, &observed);
+            let previous: HashMap<String, String> = drafts
+                .iter()
+                .filter_map(|d| Some((d.node.clone(), store.assignment(&d.node).ok()??.1)))
+                .collect();
+            (drafts, previous)
+        };
+        for draft in drafts {
+            let unchanged = previous.get(&draft.node) == Some(&draft.digest());
+            let said_hello = hello.is_some_and(|h| h.as_str() == draft.node);
+            if unchanged && !said_hello {
+                continue;
+            }
+            let role = match draft.role {
+                Role::Server => "server",
+                Role::Agent => "agent",
+            };
+            let outcome = self.push_with(&draft.node, |revision| Directive::Assignment {
+                role: role.to_owned(),
+                plan_json: draft.to_json(revision),
+            })?;
+            if let PushOutcome::Sent(revision) = outcome {
+                self.store().record_assignment(
+                    &draft.node,
+                    revision,
+                    &draft.digest(),
+                    role,
+                    now_unix(),
+                )?;
+                if !unchanged {
+                    info!(node = %draft.node, role, revision, "role assigned");
+                    self.event(
+                        &draft.node,
+                        "node.assigned",
+                        &format!("role {role} (revision {revision})"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the desired cluster (from the spec) and orchestrates. The K3s tokens are
+    /// generated here the first time, before any VM exists.
+    pub fn set_desired_cluster(
+        &self,
+        nodes: &[DesiredNode],
+        settings: &ClusterSettings,
+    ) -> Result<(), StoreError> {
+        {
+            let mut store = self.store();
+            store.cluster_secrets(generate_tokens)?;
+            let rows: Vec<(String, String, String)> = nodes
+                .iter()
+                .map(|n| {
+                    let role = match n.role {
+                        Role::Server => "server",
+                        Role::Agent => "agent",
+                    };
+                    (n.name.clone(), role.to_owned(), n.ip.to_string())
+                })
+                .collect();
+            let json = serde_json::to_string(settings).unwrap_or_default();
+            store.set_desired_cluster(&rows, &json)?;
+        }
+        self.orchestrate(None);
         Ok(())
     }
 
@@ -563,10 +816,26 @@ impl Coordinator {
         self.store().nodes()
     }
 
+    /// Each desired node's role, by name.
+    pub fn roles(&self) -> Result<HashMap<String, String>, StoreError> {
+        Ok(self
+            .store()
+            .desired_nodes()?
+            .into_iter()
+            .map(|(name, role, _)| (name, role))
+            .collect())
+    }
+
     /// One node as stored.
     pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         self.store().node(name)
     }
+}
+
+/// New K3s tokens, for [`Store::cluster_secrets`].
+pub fn generate_tokens() -> (String, String) {
+    let secrets = ClusterSecrets::generate();
+    (secrets.server_token, secrets.agent_token)
 }
 
 /// Seconds since the Unix epoch.

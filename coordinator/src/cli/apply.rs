@@ -8,7 +8,10 @@ use super::{
     Context, OutputFormat,
     output::{print_json, table},
 };
-use crate::provision::{Action, Plan, PowerChange, Provisioner};
+use crate::{
+    orchestrate::ClusterSettings,
+    provision::{Action, Plan, PowerChange, Provisioner},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -46,6 +49,8 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // The K3s side follows the spec even when no VM changes (an install_revision bump).
+    record_desired_cluster(ctx, &args.spec).await?;
     if plan.is_noop() {
         if ctx.output == OutputFormat::Json {
             print_json(&json!({ "plan": plan, "applied": [] }))?;
@@ -64,6 +69,44 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 applied.len() - created
             );
         }
+    }
+    Ok(())
+}
+
+/// Records the spec's nodes, roles and K3s settings as the desired cluster (generating the
+/// cluster's K3s tokens the first time), and asks a running daemon to act on it.
+async fn record_desired_cluster(ctx: &Context, spec_path: &std::path::Path) -> anyhow::Result<()> {
+    let spec = crate::spec::Spec::from_file(spec_path)?;
+    let nodes = ClusterSettings::desired_nodes(&spec);
+    let settings = ClusterSettings::from_spec(&spec.k3s);
+    let rows: Vec<(String, String, String)> = nodes
+        .iter()
+        .map(|n| {
+            let role = match n.role {
+                crate::spec::Role::Server => "server",
+                crate::spec::Role::Agent => "agent",
+            };
+            (n.name.clone(), role.to_owned(), n.ip.to_string())
+        })
+        .collect();
+    {
+        let mut store = ctx.state.open_store()?;
+        store.cluster_secrets(crate::core::generate_tokens)?;
+        store.set_desired_cluster(&rows, &serde_json::to_string(&settings)?)?;
+    }
+    match ctx.state.lock_daemon() {
+        // No daemon: it orchestrates from the database when it starts and agents call in.
+        Ok(_lock) => {}
+        Err(crate::state_dir::StateDirError::DaemonRunning(_)) => {
+            let mut admin = super::client::admin_client(ctx).await?;
+            admin
+                .reconcile(homelab_proto::v1::ReconcileRequest {})
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!("the coordinator refused to reconcile: {}", s.message())
+                })?;
+        }
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

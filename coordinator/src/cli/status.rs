@@ -141,32 +141,52 @@ pub(super) fn nodes_table(nodes: &[pb::Node]) -> String {
         .iter()
         .map(|n| {
             let facts = n.facts.clone().unwrap_or_default();
+            let step = n.last_phase.as_ref().map_or_else(
+                || "-".into(),
+                |p| {
+                    let outcome = match pb::StepOutcome::try_from(p.outcome) {
+                        Ok(pb::StepOutcome::Started) => "running",
+                        Ok(pb::StepOutcome::Succeeded) => "done",
+                        Ok(pb::StepOutcome::Failed) => "FAILED",
+                        _ => "?",
+                    };
+                    format!("{}/{} #{} {outcome}", p.phase, p.step, p.attempt)
+                },
+            );
             vec![
                 n.name.clone(),
+                if n.role.is_empty() {
+                    "-".into()
+                } else {
+                    n.role.clone()
+                },
                 state_name(n.state).to_owned(),
                 if n.connected { "connected" } else { "-" }.to_owned(),
+                if n.ready { "Ready" } else { "-" }.to_owned(),
                 facts
                     .ip_addresses
                     .first()
                     .cloned()
                     .unwrap_or_else(|| "-".into()),
-                n.last_phase
-                    .as_ref()
-                    .map_or_else(|| "-".into(), |p| format!("{}/{}", p.phase, p.step)),
-                timestamp(n.certificate_not_after_unix),
-                timestamp(n.last_seen_unix),
+                step,
+                if n.last_error.is_empty() {
+                    "-".into()
+                } else {
+                    n.last_error.clone()
+                },
             ]
         })
         .collect();
     table(
         &[
             "NAME",
+            "ROLE",
             "STATE",
             "LINK",
+            "READY",
             "ADDRESS",
-            "PHASE",
-            "CERT EXPIRES",
-            "LAST SEEN",
+            "STEP",
+            "LAST ERROR",
         ],
         &rows,
     )
@@ -176,8 +196,11 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
     let facts = n.facts.clone().unwrap_or_default();
     json!({
         "name": n.name,
+        "role": n.role,
         "state": state_name(n.state),
         "connected": n.connected,
+        "ready": n.ready,
+        "last_error": n.last_error,
         "facts": {
             "hostname": facts.hostname,
             "machine_id": facts.machine_id,
@@ -192,6 +215,12 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "certificate_not_after_unix": n.certificate_not_after_unix,
         "last_phase": n.last_phase.as_ref().map(|p| json!({
             "phase": p.phase, "step": p.step, "attempt": p.attempt, "message": p.message,
+            "outcome": match pb::StepOutcome::try_from(p.outcome) {
+                Ok(pb::StepOutcome::Started) => "started",
+                Ok(pb::StepOutcome::Succeeded) => "succeeded",
+                Ok(pb::StepOutcome::Failed) => "failed",
+                _ => "unknown",
+            },
         })),
         "last_health": n.last_health.as_ref().map(|h| json!({
             "healthy": h.healthy, "detail": h.detail, "observed_at_unix": h.observed_at_unix,

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use homelab_proto::v1::{
-    RequestRenewalRequest, RequestRenewalResponse, RevokeNodeRequest, RevokeNodeResponse,
-    admin_server::Admin,
+    ReconcileRequest, ReconcileResponse, RequestRenewalRequest, RequestRenewalResponse,
+    RevokeNodeRequest, RevokeNodeResponse, admin_server::Admin,
 };
 use tonic::{Request, Response, Status};
 
@@ -32,6 +32,14 @@ impl Admin for AdminService {
             certificates_revoked,
             stream_cut,
         }))
+    }
+
+    async fn reconcile(
+        &self,
+        _request: Request<ReconcileRequest>,
+    ) -> Result<Response<ReconcileResponse>, Status> {
+        self.core.orchestrate(None);
+        Ok(Response::new(ReconcileResponse {}))
     }
 
     async fn request_renewal(

@@ -2,11 +2,15 @@
 
 use homelab_proto::v1 as pb;
 
-use crate::store::{EventRecord, Facts, HealthRecord, NodeRecord, NodeState, PhaseRecord};
+use crate::store::{
+    EventRecord, Facts, HealthRecord, K3sHealthRecord, NodeRecord, NodeState, PhaseRecord,
+};
 
 /// Facts longer than this are cut; no honest field comes close.
 const MAX_FACT_LEN: usize = 256;
 const MAX_ADDRESSES: usize = 64;
+/// A server's view lists every Node; more than this is not a homelab.
+const MAX_NODES_IN_VIEW: usize = 10_000;
 
 fn clip(s: String) -> String {
     if s.len() <= MAX_FACT_LEN {
@@ -61,6 +65,7 @@ pub(super) fn phase_from_pb(p: pb::PhaseReport, at_unix: i64) -> PhaseRecord {
         attempt: p.attempt,
         message: clip(p.message),
         at_unix,
+        last_error: None,
     }
 }
 
@@ -87,6 +92,21 @@ pub(super) fn health_from_pb(h: pb::HealthReport) -> HealthRecord {
         detail: clip(h.detail),
         certificate_not_after_unix: h.certificate_not_after_unix,
         agent_version: clip(h.agent_version),
+        k3s: h.k3s.map(|k| K3sHealthRecord {
+            role: clip(k.role),
+            unit: clip(k.unit),
+            unit_state: clip(k.unit_state),
+            version: clip(k.version),
+            applied_revision: k.applied_revision,
+            api_ready: k.api_ready,
+            cluster_ca_sha256: clip(k.cluster_ca_sha256),
+            nodes: k
+                .nodes
+                .into_iter()
+                .take(MAX_NODES_IN_VIEW)
+                .map(|n| (clip(n.name), n.ready, clip(n.reason)))
+                .collect(),
+        }),
     }
 }
 
@@ -97,10 +117,28 @@ fn health_to_pb(h: HealthRecord) -> pb::HealthReport {
         detail: h.detail,
         certificate_not_after_unix: h.certificate_not_after_unix,
         agent_version: h.agent_version,
+        k3s: h.k3s.map(|k| pb::K3sHealth {
+            role: k.role,
+            unit: k.unit,
+            unit_state: k.unit_state,
+            version: k.version,
+            applied_revision: k.applied_revision,
+            api_ready: k.api_ready,
+            cluster_ca_sha256: k.cluster_ca_sha256,
+            nodes: k
+                .nodes
+                .into_iter()
+                .map(|(name, ready, reason)| pb::NodeCondition {
+                    name,
+                    ready,
+                    reason,
+                })
+                .collect(),
+        }),
     }
 }
 
-pub(super) fn node_to_pb(n: NodeRecord, connected: bool) -> pb::Node {
+pub(super) fn node_to_pb(n: NodeRecord, connected: bool, role: Option<&str>) -> pb::Node {
     let state = match n.state {
         NodeState::Pending => pb::NodeState::Pending,
         NodeState::Enrolled => pb::NodeState::Enrolled,
@@ -115,8 +153,15 @@ pub(super) fn node_to_pb(n: NodeRecord, connected: bool) -> pb::Node {
         last_seen_unix: n.last_seen_unix.unwrap_or(0),
         certificate_serial: n.certificate_serial.unwrap_or_default(),
         certificate_not_after_unix: n.certificate_not_after_unix.unwrap_or(0),
+        last_error: n
+            .last_phase
+            .as_ref()
+            .and_then(|p| p.last_error.clone())
+            .unwrap_or_default(),
         last_phase: n.last_phase.map(phase_to_pb),
         last_health: n.last_health.map(health_to_pb),
+        role: role.unwrap_or_default().to_owned(),
+        ready: n.k3s_ready,
     }
 }
 

@@ -35,6 +35,7 @@ impl From<LinkError> for Status {
                 Status::unauthenticated(message)
             }
             LinkError::UnknownNode(_) => Status::not_found(message),
+            LinkError::Duplicate { .. } => Status::failed_precondition(message),
             LinkError::Csr(_) => Status::invalid_argument(message),
             LinkError::Store(e) => internal(&e),
         }

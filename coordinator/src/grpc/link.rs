@@ -70,6 +70,8 @@ impl AgentLink for LinkService {
         };
         let facts = facts_from_pb(hello.facts);
         let session = self.core.attach(&node, &facts)?;
+        // The node may be owed a role; directives queue until the session loop runs.
+        self.core.orchestrate(Some(&node));
         debug!(node = %node, applied_revision = hello.applied_revision, "hello received");
 
         let (tx, rx) = mpsc::channel(DOWNSTREAM_CAPACITY);

@@ -52,13 +52,15 @@ impl StatusApi for StatusService {
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         let connected = self.core.connected_nodes();
+        let roles = self.core.roles()?;
         let nodes = self
             .core
             .nodes()?
             .into_iter()
             .map(|n| {
                 let is_connected = connected.contains(&n.name);
-                node_to_pb(n, is_connected)
+                let role = roles.get(&n.name).map(String::as_str);
+                node_to_pb(n, is_connected, role)
             })
             .collect();
         Ok(Response::new(ListNodesResponse { nodes }))
@@ -71,7 +73,9 @@ impl StatusApi for StatusService {
             .node(&name)?
             .ok_or_else(|| Status::not_found(format!("no node named {name:?}")))?;
         let connected = self.core.is_connected(&name);
-        Ok(Response::new(node_to_pb(node, connected)))
+        let roles = self.core.roles()?;
+        let role = roles.get(&name).map(String::as_str);
+        Ok(Response::new(node_to_pb(node, connected, role)))
     }
 
     type WatchEventsStream = EventStream;

@@ -103,6 +103,9 @@ pub struct PhaseRecord {
     pub attempt: u32,
     pub message: String,
     pub at_unix: i64,
+    /// The last failure, kept across retries until a step succeeds.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// The newest health report of a node.
@@ -113,6 +116,25 @@ pub struct HealthRecord {
     pub detail: String,
     pub certificate_not_after_unix: i64,
     pub agent_version: String,
+    /// K3s as the node sees it, once it has a role.
+    #[serde(default)]
+    pub k3s: Option<K3sHealthRecord>,
+}
+
+/// The K3s part of a health report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sHealthRecord {
+    pub role: String,
+    pub unit: String,
+    pub unit_state: String,
+    pub version: String,
+    pub applied_revision: u64,
+    /// Servers only.
+    pub api_ready: bool,
+    /// Servers only: SHA-256 of the cluster CA as stored.
+    pub cluster_ca_sha256: String,
+    /// Servers only: (node, Ready, reason) for every Node the server sees.
+    pub nodes: Vec<(String, bool, String)>,
 }
 
 /// One row of `nodes`, with its newest certificate.
@@ -128,6 +150,8 @@ pub struct NodeRecord {
     pub certificate_not_after_unix: Option<i64>,
     pub last_phase: Option<PhaseRecord>,
     pub last_health: Option<HealthRecord>,
+    /// Ready as a K3s server sees it.
+    pub k3s_ready: bool,
 }
 
 /// One row of `tokens`.
@@ -642,7 +666,7 @@ fn cluster_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRecord> {
 }
 
 const NODE_SELECT: &str = "SELECT n.name, n.state, n.facts_json, n.created_at, n.enrolled_at,
-        n.last_seen, c.serial, c.not_after, n.last_phase_json, n.last_health_json
+        n.last_seen, c.serial, c.not_after, n.last_phase_json, n.last_health_json, n.k3s_ready
     FROM nodes n
     LEFT JOIN certificates c ON c.serial = (
         SELECT serial FROM certificates WHERE node = n.name ORDER BY issued_at DESC, rowid DESC LIMIT 1)";
@@ -658,6 +682,7 @@ struct NodeRow {
     not_after: Option<i64>,
     phase_json: Option<String>,
     health_json: Option<String>,
+    k3s_ready: bool,
 }
 
 fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
@@ -672,6 +697,7 @@ fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
         not_after: r.get(7)?,
         phase_json: r.get(8)?,
         health_json: r.get(9)?,
+        k3s_ready: r.get(10)?,
     })
 }
 
@@ -688,6 +714,7 @@ impl NodeRow {
             certificate_not_after_unix: self.not_after,
             last_phase: from_json(self.phase_json, "nodes.last_phase_json")?,
             last_health: from_json(self.health_json, "nodes.last_health_json")?,
+            k3s_ready: self.k3s_ready,
         })
     }
 }
