@@ -12,7 +12,8 @@
 //!    task reports it applied or failed, not on arrival. Send the task's phase reports as
 //!    they come (one that could not be sent goes back to the task's queue); at the start of a
 //!    session, send those queued while disconnected, or resend the newest one. Health reports
-//!    carry the K3s unit state, and go out at once when it changes.
+//!    carry the K3s unit state and, on a server, its view of the cluster; they go out at once
+//!    when either changes. Each health tick asks the K3s task to read both again.
 
 use std::{
     fs,
@@ -289,6 +290,8 @@ async fn serve(
                 }
             }
             _ = health_tick.tick() => {
+                // What the refresh finds goes out at once if it changed (the arm above).
+                k3s.refresh();
                 send(tx, Up::Health(health(identity, &k3s.status()))).await?;
             }
         }
@@ -326,13 +329,10 @@ fn phase_report(event: PhaseEvent) -> pb::PhaseReport {
     }
 }
 
-/// What makes a health report worth sending before the next tick.
-fn health_key(status: &K3sStatus) -> (bool, Option<String>, String) {
-    (
-        status.healthy(),
-        status.unit_state.clone(),
-        status.role.map(|r| r.to_string()).unwrap_or_default(),
-    )
+/// What makes a health report worth sending before the next tick: health, and the K3s fields
+/// the coordinator orchestrates on (role, unit state, API readiness, CA hash, Node Ready).
+fn health_key(status: &K3sStatus) -> (bool, Option<pb::K3sHealth>) {
+    (status.healthy(), k3s_health(status))
 }
 
 fn health(identity: &Identity, k3s: &K3sStatus) -> pb::HealthReport {
@@ -342,19 +342,35 @@ fn health(identity: &Identity, k3s: &K3sStatus) -> pb::HealthReport {
         detail: k3s.detail(),
         certificate_not_after_unix: identity.not_after_unix(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        k3s: k3s.role.map(|role| pb::K3sHealth {
-            role: role.to_string(),
-            unit: role.unit().to_owned(),
-            unit_state: k3s.unit_state.clone().unwrap_or_default(),
-            version: k3s.version.clone(),
-            applied_revision: k3s.revision,
-            // The server's view of the cluster (API readiness, CA hash, Node conditions) is
-            // not read yet; the coordinator treats its absence as "not Ready".
-            api_ready: false,
-            cluster_ca_sha256: String::new(),
-            nodes: Vec::new(),
-        }),
+        k3s: k3s_health(k3s),
     }
+}
+
+/// The `k3s` part of a health report: absent until the node has a role. A server's view of
+/// the cluster fills `api_ready`, `cluster_ca_sha256` and `nodes`; without one (an agent, a
+/// unit not active) they stay empty and `api_ready` false, which the coordinator reads as
+/// "not Ready". Why a view is incomplete is in the report's `detail`.
+pub fn k3s_health(k3s: &K3sStatus) -> Option<pb::K3sHealth> {
+    let role = k3s.role?;
+    let view = k3s.server_view.clone().unwrap_or_default();
+    Some(pb::K3sHealth {
+        role: role.to_string(),
+        unit: role.unit().to_owned(),
+        unit_state: k3s.unit_state.clone().unwrap_or_default(),
+        version: k3s.version.clone(),
+        applied_revision: k3s.revision,
+        api_ready: view.api_ready,
+        cluster_ca_sha256: view.cluster_ca_sha256.unwrap_or_default(),
+        nodes: view
+            .nodes
+            .into_iter()
+            .map(|n| pb::NodeCondition {
+                name: n.name,
+                ready: n.ready,
+                reason: n.reason,
+            })
+            .collect(),
+    })
 }
 
 async fn send(tx: &mpsc::Sender<AgentMessage>, body: Up) -> Result<(), LinkError> {

@@ -3,6 +3,9 @@
 //! (k3s.md §1): the installer reads the same `INSTALL_K3S_*` variables and writes the same
 //! files, and systemctl keeps unit state and refuses a blocking start. The last test runs the
 //! whole agent against an in-process coordinator and pushes an Assignment down the link.
+//! The fakes also stand in for a server's cluster: the fake k3s answers `kubectl get
+//! --raw=/readyz` and `get nodes -o json` from a cluster directory that several roots share,
+//! so a server's health shows the CA hash, API readiness and each Node's Ready condition.
 //! Loopback only (the installer URL is served on 127.0.0.1:0), every wait bounded, no sleeps
 //! used to synchronise.
 
@@ -24,11 +27,15 @@ use homelab_agent::{
     Stopped,
     config::AgentConfig,
     k3s::{
-        Executor, ExecutorSettings, InstallPlan, PhaseEvent, Reporter, Step, StepOutcome,
-        SystemHost, fetch::FetchError, install::K3sInstallError,
+        Executor, ExecutorSettings, InstallPlan, K3sEvent, K3sHandle, K3sStatus, PhaseEvent,
+        Reporter, Step, StepOutcome, Submission, SystemHost, fetch::FetchError,
+        install::K3sInstallError, view::SERVER_CA_PATH,
     },
+    link::k3s_health,
 };
+use homelab_proto::v1::NodeCondition;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -188,6 +195,24 @@ impl Node {
             .unwrap_or_else(|_| "inactive".into())
             .trim()
             .to_owned()
+    }
+
+    /// Makes this node's fake K3s part of the fake cluster in `cluster`.
+    fn join_fake_cluster(&self, cluster: &Path) {
+        let file = self.host_file("/etc/fake-k3s/cluster-dir");
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(file, format!("{}\n", cluster.display())).unwrap();
+    }
+
+    /// Runs the node's fake systemctl as the agent would: cleared environment, its `PATH`.
+    fn systemctl(&self, args: &[&str]) {
+        let status = std::process::Command::new(self.bin().join("systemctl"))
+            .args(args)
+            .env_clear()
+            .env("PATH", format!("{}:/usr/bin:/bin", self.bin().display()))
+            .status()
+            .unwrap();
+        assert!(status.success(), "systemctl {args:?}");
     }
 
     fn mode(&self, path: &str) -> u32 {
@@ -865,6 +890,11 @@ async fn an_assignment_over_the_link_is_installed_reported_step_by_step_and_ackn
     })
     .await;
     assert!(health.starts_with("healthy: "), "{health}");
+    // And so does the server's view of its (fake) cluster.
+    event(&c, name, "the cluster view", |kind, message| {
+        kind == "node.health" && message.contains("api ready, 1/1 nodes Ready")
+    })
+    .await;
     assert_eq!(
         fs::read_to_string(node.state().join("applied-revision")).unwrap(),
         revision.to_string()
@@ -887,6 +917,166 @@ async fn an_assignment_over_the_link_is_installed_reported_step_by_step_and_ackn
         );
     }
     c.stop().await;
+}
+
+/// Waits at most 30 s for the K3s task's status to satisfy `done`.
+async fn status_until(
+    handle: &K3sHandle,
+    what: &str,
+    done: impl FnMut(&K3sStatus) -> bool,
+) -> K3sStatus {
+    let mut status = handle.watch_status();
+    tokio::time::timeout(Duration::from_secs(30), status.wait_for(done))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", handle.status()))
+        .expect("the K3s task runs")
+        .clone()
+}
+
+fn condition(name: &str, ready: bool, reason: &str) -> NodeCondition {
+    NodeCondition {
+        name: name.into(),
+        ready,
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_server_reports_its_ca_hash_api_readiness_and_every_node_of_its_cluster() {
+    let cluster = tempfile::tempdir().unwrap();
+    let server = Node::new();
+    let worker = Node::new();
+    server.join_fake_cluster(cluster.path());
+    worker.join_fake_cluster(cluster.path());
+    let tokens = Tokens::new("view");
+
+    let mut handle = K3sHandle::spawn(server.executor(Duration::from_secs(10)));
+    assert!(handle.submit(Submission {
+        revision: 5,
+        role: "server".into(),
+        plan_json: server_plan_json(5, 1, "10.0.0.11", file_installer(), &tokens),
+    }));
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), handle.next_event())
+            .await
+            .expect("the plan is acknowledged within 30 s");
+        if let K3sEvent::Applied { ok, message, .. } = event {
+            assert!(ok, "{message}");
+            break;
+        }
+    }
+
+    // The unit is active: the view follows without waiting for a health tick.
+    let status = status_until(&handle, "the server's own Node", |s| {
+        s.server_view.as_ref().is_some_and(|v| !v.nodes.is_empty())
+    })
+    .await;
+    let health = k3s_health(&status).unwrap();
+    let stored = fs::read(server.host_file(SERVER_CA_PATH)).unwrap();
+    let expected: String = Sha256::digest(&stored)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(health.cluster_ca_sha256, expected);
+    assert!(health.api_ready, "{}", status.detail());
+    assert_eq!(health.nodes, [condition("cp-1", true, "KubeletReady")]);
+    assert_eq!(
+        (health.role.as_str(), health.unit_state.as_str()),
+        ("server", "active")
+    );
+    assert!(
+        status.detail().contains("api ready, 1/1 nodes Ready"),
+        "{}",
+        status.detail()
+    );
+    assert!(
+        fs::read_to_string(cluster.path().join("nodes/cp-1"))
+            .unwrap()
+            .starts_with("True"),
+        "the fake cluster is the shared directory"
+    );
+
+    // A worker on another root joins the same fake cluster: the next refresh shows it.
+    worker
+        .executor(Duration::from_secs(10))
+        .apply(&agent_plan(2, &tokens), &mut Recorder::default())
+        .await
+        .unwrap();
+    handle.refresh();
+    let status = status_until(&handle, "the worker's Node", |s| {
+        s.server_view.as_ref().is_some_and(|v| v.nodes.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        k3s_health(&status).unwrap().nodes,
+        [
+            condition("cp-1", true, "KubeletReady"),
+            condition("wk-1", true, "KubeletReady")
+        ]
+    );
+
+    // The worker's K3s stops: the server sees its Node go unknown.
+    worker.systemctl(&["stop", "k3s-agent"]);
+    handle.refresh();
+    let status = status_until(&handle, "the worker's Node not Ready", |s| {
+        s.server_view
+            .as_ref()
+            .is_some_and(|v| v.nodes.iter().any(|n| n.name == "wk-1" && !n.ready))
+    })
+    .await;
+    assert!(k3s_health(&status).unwrap().nodes.contains(&condition(
+        "wk-1",
+        false,
+        "NodeStatusUnknown"
+    )));
+
+    // The server's own K3s stops: no view, so the report says the API is not ready.
+    server.systemctl(&["stop", "k3s"]);
+    handle.refresh();
+    let status = status_until(&handle, "the server's unit inactive", |s| {
+        s.unit_state.as_deref() == Some("inactive")
+    })
+    .await;
+    let health = k3s_health(&status).unwrap();
+    assert!(!health.api_ready);
+    assert!(health.nodes.is_empty() && health.cluster_ca_sha256.is_empty());
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_without_a_cni_reports_its_node_not_ready_and_waits_for_cni() {
+    let server = Node::new();
+    let tokens = Tokens::new("cni");
+    let mut plan: Value = serde_json::from_str(&server_plan_json(
+        3,
+        1,
+        "10.0.0.11",
+        file_installer(),
+        &tokens,
+    ))
+    .unwrap();
+    plan["config"]["flannel-backend"] = json!("none");
+    plan["config"]["disable-network-policy"] = json!(true);
+    let handle = K3sHandle::spawn(server.executor(Duration::from_secs(10)));
+    handle.submit(Submission {
+        revision: 3,
+        role: "server".into(),
+        plan_json: plan.to_string(),
+    });
+    let status = status_until(&handle, "the server's own Node", |s| {
+        s.server_view.as_ref().is_some_and(|v| !v.nodes.is_empty())
+    })
+    .await;
+    let health = k3s_health(&status).unwrap();
+    assert!(health.api_ready);
+    assert_eq!(health.nodes, [condition("cp-1", false, "KubeletNotReady")]);
+    assert!(status.healthy(), "waiting for a CNI is not a failure");
+    assert!(
+        status.detail().contains("waiting for CNI"),
+        "{}",
+        status.detail()
+    );
+    handle.shutdown().await;
 }
 
 /// Every regular file under `dir`, symlinks not followed.

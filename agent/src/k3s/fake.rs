@@ -1,14 +1,24 @@
 //! An in-memory [`Host`] for unit tests: files, units and a log of every call, with knobs to
 //! make the installer fail or the unit never come up. It behaves like install.sh and systemctl
-//! as k3s.md describes them; it does not script call sequences.
+//! as k3s.md describes them; it does not script call sequences. `k3s kubectl` answers like a
+//! server: `/readyz` is `ok` while the `k3s` unit is active, and the Node list is a knob.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
-use crate::k3s::host::{CommandOutput, Host, HostCommand, HostError, SystemctlAction};
+use crate::k3s::{
+    host::{CommandOutput, Host, HostCommand, HostError, SystemctlAction},
+    view::SERVER_CA_PATH,
+};
+
+/// The cluster CA a fake server generates: a real self-signed certificate.
+pub(crate) const FAKE_SERVER_CA: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIBnDCCAUGgAwIBAgIUBZsJ6jkzdhnI19KN3M/fxoOJDlYwCgYIKoZIzj0EAwIw\nIzEhMB8GA1UEAwwYazNzLXNlcnZlci1jYUAxNzAwMDAwMDAwMB4XDTI2MTIwNDIz\nMjQ0N1oXDTM2MTIwMTIzMjQ0N1owIzEhMB8GA1UEAwwYazNzLXNlcnZlci1jYUAx\nNzAwMDAwMDAwMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqHGq4b1oDojAvJy1\n/4mueGOuJHXjLXxbcEwh7lWrZSd+pqsbKWVO10WJeervfcxzlk7DhdwrgxkCra3h\nK74tpaNTMFEwHQYDVR0OBBYEFGw3IB+gW66/hWtubCQpiO8/5B0GMB8GA1UdIwQY\nMBaAFGw3IB+gW66/hWtubCQpiO8/5B0GMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZI\nzj0EAwIDSQAwRgIhALmDLodXxbBYX3k3E6P1QoqYAreaHR/l28uasHCReeiBAiEA\nx4ImELx/ohQeTrF6VNPV8POs003kaOWKvqDY2uXU/Kc=\n-----END CERTIFICATE-----\n";
+/// `sha256sum` of [`FAKE_SERVER_CA`].
+pub(crate) const FAKE_SERVER_CA_SHA256: &str =
+    "d52d8f3fda751e79d73f7905658ec639240cb2a72a5c397efa599536c128d88a";
 
 #[derive(Debug)]
 struct State {
@@ -20,18 +30,25 @@ struct State {
     installer_exit: i32,
     start_result: String,
     journal: Option<String>,
+    /// `get --raw=/readyz` answers this (exit code, stdout) instead of following the unit.
+    readyz: Option<(i32, String)>,
+    /// What `get nodes -o json` prints while the API server is up.
+    nodes_json: String,
+    /// kubectl never answers: it runs until its timeout.
+    kubectl_hangs: bool,
 }
 
-/// The fake host.
-#[derive(Debug)]
+/// The fake host. Clones share one machine, so a test can keep a handle on a host it gave
+/// to an executor.
+#[derive(Debug, Clone)]
 pub(crate) struct FakeHost {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 impl Default for FakeHost {
     fn default() -> Self {
         Self {
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 files: BTreeMap::new(),
                 units: BTreeMap::new(),
                 calls: Vec::new(),
@@ -39,7 +56,10 @@ impl Default for FakeHost {
                 installer_exit: 0,
                 start_result: "active".into(),
                 journal: None,
-            }),
+                readyz: None,
+                nodes_json: r#"{"apiVersion":"v1","kind":"List","items":[]}"#.into(),
+                kubectl_hangs: false,
+            })),
         }
     }
 }
@@ -95,9 +115,74 @@ impl FakeHost {
         self.state().journal = Some(text.into());
     }
 
+    /// What `kubectl get --raw=/readyz` answers from now on, whatever the unit's state.
+    pub(crate) fn set_readyz(&self, code: i32, stdout: &str) {
+        self.state().readyz = Some((code, stdout.into()));
+    }
+
+    /// `/readyz` follows the `k3s` unit again.
+    pub(crate) fn clear_readyz(&self) {
+        self.state().readyz = None;
+    }
+
+    /// What `kubectl get nodes -o json` prints while the API server is up.
+    pub(crate) fn set_nodes_json(&self, json: &str) {
+        self.state().nodes_json = json.into();
+    }
+
+    /// Whether kubectl hangs until its timeout.
+    pub(crate) fn set_kubectl_hangs(&self, hangs: bool) {
+        self.state().kubectl_hangs = hangs;
+    }
+
     /// Changes a unit's state behind the agent's back.
     pub(crate) fn set_unit_state(&self, unit: &str, state: &str) {
         self.state().units.insert(unit.into(), state.into());
+    }
+}
+
+impl FakeHost {
+    /// `k3s kubectl …` on a server: answers only while the `k3s` unit is active.
+    async fn kubectl(&self, command: &HostCommand) -> Result<CommandOutput, HostError> {
+        let hangs = {
+            let mut state = self.state();
+            let env: Vec<String> = command
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            state.calls.push(format!(
+                "run {} {} {}",
+                command.program,
+                command.args.join(" "),
+                env.join(" ")
+            ));
+            state.kubectl_hangs
+        };
+        if hangs {
+            // As the real host does: the command is killed at its timeout.
+            tokio::time::sleep(command.timeout).await;
+            return Err(HostError::Timeout {
+                program: command.program.clone(),
+                timeout: command.timeout,
+            });
+        }
+        let state = self.state();
+        let up = state.units.get("k3s").map(String::as_str) == Some("active");
+        let args: Vec<&str> = command.args.iter().map(String::as_str).collect();
+        match (args.as_slice(), &state.readyz) {
+            (["kubectl", "get", "--raw=/readyz"], Some((code, stdout))) => {
+                Ok(output(*code, stdout, ""))
+            }
+            (_, _) if !up => Ok(output(
+                1,
+                "",
+                "The connection to the server 127.0.0.1:6443 was refused - did you specify the right host or port?",
+            )),
+            (["kubectl", "get", "--raw=/readyz"], None) => Ok(output(0, "ok", "")),
+            (["kubectl", "get", "nodes", "-o", "json"], _) => Ok(output(0, &state.nodes_json, "")),
+            _ => Ok(output(1, "", "fake kubectl: unsupported arguments")),
+        }
     }
 }
 
@@ -143,6 +228,9 @@ impl Host for FakeHost {
     async fn run(&self, command: &HostCommand) -> Result<CommandOutput, HostError> {
         // A real command takes time: let other tasks run, as they would meanwhile.
         tokio::task::yield_now().await;
+        if command.args.first().map(String::as_str) == Some("kubectl") {
+            return self.kubectl(command).await;
+        }
         let mut state = self.state();
         let script = command
             .args
@@ -224,6 +312,13 @@ impl Host for FakeHost {
                     ));
                 }
                 let result = state.start_result.clone();
+                // A server that comes up has generated its cluster CA, once.
+                if unit == "k3s" && result == "active" {
+                    state
+                        .files
+                        .entry(SERVER_CA_PATH.into())
+                        .or_insert_with(|| (FAKE_SERVER_CA.to_vec(), 0o644));
+                }
                 state.units.insert(unit.into(), result);
                 Ok(output(0, "", ""))
             }

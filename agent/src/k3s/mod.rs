@@ -13,6 +13,7 @@
 //! - [`checkpoint`]: `k3s-checkpoint.json` in the state directory.
 //! - [`fetch`]: the installer download, on the hyper and rustls the gRPC link already uses.
 //! - [`task`]: the task that owns the executor across link sessions, and its `K3sHandle`.
+//! - [`view`]: a server's view of the cluster (CA hash, API readiness, Node conditions).
 
 pub mod checkpoint;
 #[cfg(test)]
@@ -22,6 +23,7 @@ pub mod host;
 pub mod install;
 pub mod plan;
 pub mod task;
+pub mod view;
 
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ pub use self::{
     install::{Executor, ExecutorSettings, PhaseEvent, Reporter, Step, StepOutcome},
     plan::{InstallPlan, Role},
     task::{K3sEvent, K3sHandle, K3sStatus, Submission},
+    view::{NodeReady, ServerView},
 };
 use crate::config::AgentConfig;
 

@@ -14,8 +14,11 @@
 //! 4. Each directive is acknowledged once ([`K3sEvent::Applied`]): ok when applied, failed with
 //!    the error (redacted) when it cannot be. Transient failures are retried first, up to
 //!    [`MAX_ATTEMPTS`] times with a growing delay.
-//! 5. The unit state is refreshed after each plan and every [`UNIT_REFRESH`] while idle, and
-//!    published through a `watch` for health reports.
+//! 5. The unit state is refreshed after each plan, whenever the link asks
+//!    ([`K3sHandle::refresh`], on each health tick), and every [`UNIT_REFRESH`] while idle
+//!    without asks, and published through a `watch` for health reports. Each refresh of a
+//!    server whose unit is active also reads its [`ServerView`] of the cluster; otherwise
+//!    the view is `None`. Asks made while a plan runs collapse into one refresh after it.
 //! 6. The queue is unbounded, but only plans add to it: at most two events per step per
 //!    attempt and one acknowledgement per directive.
 
@@ -26,7 +29,7 @@ use std::{
 
 use log::{error, info, warn};
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
 };
 
@@ -36,6 +39,7 @@ use crate::{
         host::Host,
         install::{Executor, K3sInstallError, PhaseEvent, Reporter, Step, StepOutcome},
         plan::{self, InstallPlan, Role},
+        view::{self, ServerView},
     },
 };
 
@@ -94,6 +98,8 @@ pub struct K3sStatus {
     pub last_error: Option<String>,
     /// `flannel-backend: none`: Nodes stay NotReady until a CNI is installed.
     pub waits_for_cni: bool,
+    /// A server's view of the cluster, read while its unit is active; `None` otherwise.
+    pub server_view: Option<ServerView>,
 }
 
 impl K3sStatus {
@@ -120,10 +126,30 @@ impl K3sStatus {
             self.version,
             self.revision
         );
+        let active = self.unit_state.as_deref() == Some("active");
         if let Some((revision, step)) = self.applying {
             detail.push_str(&format!("; applying revision {revision}: {step}"));
-        } else if self.waits_for_cni && self.unit_state.as_deref() == Some("active") {
+        } else if self.waits_for_cni
+            && active
+            && !self
+                .server_view
+                .as_ref()
+                .is_some_and(ServerView::all_nodes_ready)
+        {
+            // NotReady Nodes are expected until the CNI is installed: not a failure.
             detail.push_str("; flannel-backend none: waiting for CNI");
+        }
+        if let Some(view) = self.server_view.as_ref().filter(|_| active) {
+            let ready = view.nodes.iter().filter(|n| n.ready).count();
+            detail.push_str(&format!(
+                "; api {}, {ready}/{} nodes Ready",
+                if view.api_ready { "ready" } else { "not ready" },
+                view.nodes.len()
+            ));
+            if let Some(problem) = &view.problem {
+                detail.push_str("; cluster view: ");
+                detail.push_str(problem);
+            }
         }
         if let Some(error) = &self.last_error {
             detail.push_str("; last error: ");
@@ -155,6 +181,7 @@ pub struct K3sHandle {
     events: mpsc::UnboundedReceiver<K3sEvent>,
     status: watch::Receiver<K3sStatus>,
     newest_submitted: SharedNewest,
+    refresh: Arc<Notify>,
     last_phase: Option<PhaseEvent>,
     /// An event a session took but could not send: first in the next backlog.
     requeued: Option<K3sEvent>,
@@ -168,6 +195,7 @@ impl K3sHandle {
         let (outbox, events) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(K3sStatus::default());
         let newest_submitted = SharedNewest::default();
+        let refresh = Arc::new(Notify::new());
         let task = tokio::spawn(
             Task {
                 executor,
@@ -175,6 +203,7 @@ impl K3sHandle {
                 outbox,
                 status: status_tx,
                 newest_submitted: newest_submitted.clone(),
+                refresh: refresh.clone(),
                 waiting: None,
             }
             .run(),
@@ -184,6 +213,7 @@ impl K3sHandle {
             events,
             status,
             newest_submitted,
+            refresh,
             last_phase: None,
             requeued: None,
             task,
@@ -242,6 +272,12 @@ impl K3sHandle {
         self.requeued = Some(event);
     }
 
+    /// Asks the task to read the unit state (and a server's view of the cluster) again soon
+    /// (rule 5). Asks made before the task gets to them count once.
+    pub fn refresh(&self) {
+        self.refresh.notify_one();
+    }
+
     /// The newest status.
     pub fn status(&self) -> K3sStatus {
         self.status.borrow().clone()
@@ -287,6 +323,8 @@ struct Task<H> {
     outbox: mpsc::UnboundedSender<K3sEvent>,
     status: watch::Sender<K3sStatus>,
     newest_submitted: SharedNewest,
+    /// Set by [`K3sHandle::refresh`].
+    refresh: Arc<Notify>,
     /// A submission taken from the inbox while waiting to retry.
     waiting: Option<Submission>,
 }
@@ -307,6 +345,11 @@ impl<H: Host> Task<H> {
                         None => return,
                     },
                     _ = refresh.tick() => None,
+                    () = self.refresh.notified() => {
+                        // The link's ticks drive refreshes while it asks.
+                        refresh.reset();
+                        None
+                    }
                 },
             };
             match next {
@@ -509,9 +552,16 @@ impl<H: Host> Task<H> {
                 "unknown".into()
             }
         };
+        let server_view = if role == Role::Server && state == "active" {
+            Some(view::read(self.executor.host()).await)
+        } else {
+            None
+        };
         self.status.send_if_modified(|s| {
-            let changed = s.unit_state.as_deref() != Some(state.as_str());
+            let changed =
+                s.unit_state.as_deref() != Some(state.as_str()) || s.server_view != server_view;
             s.unit_state = Some(state);
+            s.server_view = server_view;
             changed
         });
     }
@@ -563,7 +613,10 @@ mod tests {
     }
 
     fn handle(dir: &std::path::Path) -> K3sHandle {
-        let host = FakeHost::default();
+        handle_on(dir, FakeHost::default())
+    }
+
+    fn handle_on(dir: &std::path::Path, host: FakeHost) -> K3sHandle {
         host.put("/opt/install.sh", b"#!/bin/sh\n");
         K3sHandle::spawn(Executor::new(
             host,
@@ -777,5 +830,111 @@ mod tests {
         assert_eq!(acks.last(), Some(&(6, true)));
         assert!(acks[..acks.len() - 1].iter().all(|(_, ok)| !ok), "{acks:?}");
         handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_active_server_publishes_its_view_and_refreshes_it_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = FakeHost::default();
+        let mut handle = handle_on(dir.path(), host.clone());
+        let (_, (_, ok, message)) = {
+            handle.submit(submission(4, "10.0.0.1"));
+            until_applied(&mut handle).await
+        };
+        assert!(ok, "{message}");
+        let mut status = handle.watch_status();
+        let view = status
+            .wait_for(|s| s.server_view.is_some())
+            .await
+            .unwrap()
+            .server_view
+            .clone()
+            .unwrap();
+        assert!(view.api_ready, "{view:?}");
+        assert_eq!(
+            view.cluster_ca_sha256.as_deref(),
+            Some(crate::k3s::fake::FAKE_SERVER_CA_SHA256)
+        );
+        assert!(view.nodes.is_empty());
+
+        // A Node appears: the next refresh the link asks for shows it.
+        host.set_nodes_json(
+            &json!({"items": [{"metadata": {"name": "cp-1"}, "status": {"conditions": [
+                {"type": "Ready", "status": "False", "reason": "KubeletNotReady"}]}}]})
+            .to_string(),
+        );
+        handle.refresh();
+        let status = status
+            .wait_for(|s| s.server_view.as_ref().is_some_and(|v| !v.nodes.is_empty()))
+            .await
+            .unwrap()
+            .clone();
+        assert!(
+            status.detail().contains("api ready, 0/1 nodes Ready"),
+            "{}",
+            status.detail()
+        );
+
+        // The API server hangs: not ready, and why, within the kubectl timeout.
+        host.set_kubectl_hangs(true);
+        handle.refresh();
+        let status = handle
+            .watch_status()
+            .wait_for(|s| s.server_view.as_ref().is_some_and(|v| !v.api_ready))
+            .await
+            .unwrap()
+            .clone();
+        assert!(status.healthy(), "the unit is still active");
+        assert!(
+            status.detail().contains("api not ready") && status.detail().contains("did not answer"),
+            "{}",
+            status.detail()
+        );
+
+        // The unit stops: no view.
+        host.set_unit_state("k3s", "failed");
+        handle.refresh();
+        handle
+            .watch_status()
+            .wait_for(|s| s.server_view.is_none())
+            .await
+            .unwrap();
+        handle.shutdown().await;
+    }
+
+    #[test]
+    fn waiting_for_cni_lasts_until_every_node_is_ready() {
+        let mut status = K3sStatus {
+            role: Some(Role::Server),
+            revision: 2,
+            version: "v1.31.4+k3s1".into(),
+            unit_state: Some("active".into()),
+            waits_for_cni: true,
+            server_view: Some(ServerView {
+                api_ready: true,
+                cluster_ca_sha256: Some("ab".repeat(32)),
+                nodes: vec![crate::k3s::NodeReady {
+                    name: "cp-1".into(),
+                    ready: false,
+                    reason: "KubeletNotReady".into(),
+                }],
+                problem: None,
+            }),
+            ..K3sStatus::default()
+        };
+        assert!(status.healthy());
+        assert!(
+            status.detail().contains("waiting for CNI"),
+            "{}",
+            status.detail()
+        );
+        if let Some(view) = status.server_view.as_mut() {
+            view.nodes[0].ready = true;
+        }
+        assert!(
+            !status.detail().contains("waiting for CNI"),
+            "{}",
+            status.detail()
+        );
     }
 }

@@ -16,13 +16,30 @@
 #   INSTALL_K3S_SKIP_START    true: enable and daemon-reload, then return without starting
 #   K3S_*, CONTAINERD_*, proxies: copied into <unit>.service.env (0600), as the real script
 #                             does; the agent must pass none
-# Writes ${BIN_DIR}/k3s (a stub), kubectl/crictl/ctr links, k3s-killall.sh,
+# Writes ${BIN_DIR}/k3s (the fake k3s below), kubectl/crictl/ctr links, k3s-killall.sh,
 # k3s-uninstall.sh or k3s-agent-uninstall.sh, ${SYSTEMD_DIR}/<unit>.service and
 # <unit>.service.env, then runs `systemctl enable <unit file>` and `systemctl daemon-reload`
 # through PATH, like the real script.
 #
 # Every invocation is appended to fake-install.log next to this script: its arguments and
 # its whole environment, so a test can prove that no token reached it.
+#
+# The fake k3s (POSIX sh) stands in for a server's k3s binary and its API server:
+#   k3s --version                      prints the installed version
+#   k3s kubectl get --raw=/readyz      prints `ok` (exit 0) while the k3s unit is active, as
+#                                      `systemctl is-active k3s` through PATH says (the fake
+#                                      systemctl in tests); else fails like a refused connection
+#   k3s kubectl get nodes -o json      prints a List of Nodes built from <cluster>/nodes/*
+#                                      (see fake-systemctl), under the same condition
+#   kubectl ...                        the same, through the kubectl link
+# Both kubectl calls need KUBECONFIG to name an existing file (the agent maps
+# /etc/rancher/k3s/k3s.yaml under its root; the fake systemctl writes it), as the real
+# k3s kubectl would fail without its admin kubeconfig.
+# The fake cluster is shared by every root that names it:
+#   <root>  = INSTALL_K3S_SYSTEMD_DIR without its /etc/systemd/system suffix ("" when the
+#             suffix is absent), recorded in the fake k3s at install time
+#   <cluster> = the first line of <root>/etc/fake-k3s/cluster-dir if that file exists (tests
+#             write it so several roots share one cluster), else <root>/var/lib/fake-k3s/cluster
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -88,14 +105,83 @@ info "Using ${VERSION_K3S} as release"
 
 # --- download_and_verify, create_symlinks --------------------------------------------------
 mkdir -p "$BIN_DIR" "$SYSTEMD_DIR"
-cat >"$BIN_DIR/k3s" <<STUB
-#!/bin/sh
-# fake k3s written by fake-install.sh
-case "\${1:-}" in
-    --version | -v) echo "k3s version ${VERSION_K3S} (fake)" ;;
-    *) echo "fake k3s does not run: \$*" >&2; exit 1 ;;
+case "$SYSTEMD_DIR" in
+    */etc/systemd/system) FAKE_ROOT=${SYSTEMD_DIR%/etc/systemd/system} ;;
+    *) FAKE_ROOT="" ;;
+esac
+{
+    echo '#!/bin/sh'
+    echo '# fake k3s written by fake-install.sh; its header documents the interface'
+    echo "FAKE_K3S_VERSION='${VERSION_K3S}'"
+    echo "FAKE_K3S_ROOT='${FAKE_ROOT}'"
+    cat <<'STUB'
+set -u
+
+cluster_dir() {
+    if [ -f "$FAKE_K3S_ROOT/etc/fake-k3s/cluster-dir" ]; then
+        head -n 1 "$FAKE_K3S_ROOT/etc/fake-k3s/cluster-dir"
+    else
+        echo "$FAKE_K3S_ROOT/var/lib/fake-k3s/cluster"
+    fi
+}
+
+# The API server answers only with the admin kubeconfig and while the k3s unit is active.
+api_up() {
+    kubeconfig=${KUBECONFIG:-/etc/rancher/k3s/k3s.yaml}
+    if [ ! -f "$kubeconfig" ]; then
+        echo "error: stat $kubeconfig: no such file or directory" >&2
+        exit 1
+    fi
+    if ! systemctl is-active --quiet k3s >/dev/null 2>&1; then
+        echo "The connection to the server 127.0.0.1:6443 was refused - did you specify the right host or port?" >&2
+        exit 1
+    fi
+}
+
+# A List of Nodes; each file <cluster>/nodes/NAME holds "STATUS REASON" of its Ready condition.
+node_list() {
+    printf '{"apiVersion":"v1","kind":"List","metadata":{"resourceVersion":""},"items":['
+    sep=""
+    for file in "$(cluster_dir)"/nodes/*; do
+        [ -f "$file" ] || continue
+        name=$(basename "$file")
+        read -r status reason <"$file" || true
+        printf '%s{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"kubernetes.io/hostname":"%s"}},' \
+            "$sep" "$name" "$name"
+        printf '"status":{"conditions":[{"type":"Ready","status":"%s","reason":"%s"}]}}' \
+            "${status:-Unknown}" "${reason:-}"
+        sep=","
+    done
+    printf ']}\n'
+}
+
+kubectl() {
+    case "$*" in
+        "get --raw=/readyz" | "get --raw /readyz")
+            api_up
+            echo ok
+            ;;
+        "get nodes -o json" | "get nodes -ojson" | "get nodes --output=json" | "get nodes --output json")
+            api_up
+            node_list
+            ;;
+        *)
+            echo "fake kubectl: unsupported arguments: $*" >&2
+            exit 1
+            ;;
+    esac
+}
+
+case "$(basename "$0")" in
+    kubectl) kubectl "$@"; exit ;;
+esac
+case "${1:-}" in
+    --version | -v) echo "k3s version $FAKE_K3S_VERSION (fake)" ;;
+    kubectl) shift; kubectl "$@" ;;
+    *) echo "fake k3s does not run: $*" >&2; exit 1 ;;
 esac
 STUB
+} >"$BIN_DIR/k3s"
 chmod 755 "$BIN_DIR/k3s"
 info "Installing k3s to $BIN_DIR/k3s"
 for cmd in kubectl crictl ctr; do
