@@ -185,6 +185,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes the files cloud-init would write, with `token`, and starts the agent.
     pub fn start(coordinator: &CoordinatorProcess, name: &str, token: &str) -> Self {
+        Self::start_with(coordinator, name, token, "")
+    }
+
+    /// Like [`Self::start`], with extra `agent.toml` lines. The host root is `dir/root`.
+    pub fn start_with(
+        coordinator: &CoordinatorProcess,
+        name: &str,
+        token: &str,
+        extra_config: &str,
+    ) -> Self {
         let dir = coordinator.dir.path().join("agents").join(name);
         let root = dir.join("root");
         fs::create_dir_all(root.join("etc")).unwrap();
@@ -195,7 +205,7 @@ impl AgentProcess {
         fs::write(
             dir.join("agent.toml"),
             format!(
-                "coordinator_url = {:?}\nnode_name = {name:?}\nca_cert = {:?}\ntoken_file = {:?}\nstate_dir = {:?}\nhost_root = {:?}\n",
+                "coordinator_url = {:?}\nnode_name = {name:?}\nca_cert = {:?}\ntoken_file = {:?}\nstate_dir = {:?}\nhost_root = {:?}\n{extra_config}",
                 coordinator.url(),
                 dir.join("ca.pem"),
                 dir.join("token"),

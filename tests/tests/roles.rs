@@ -1,0 +1,198 @@
+//! K3s roles end to end with the real binaries: `homelab serve` and three `homelab-agent`
+//! processes, each in its own temporary host root with the fake install.sh and the fake
+//! systemctl, sharing one fake cluster. The coordinator assigns the server first and the
+//! agents once the server is Ready; all three end Ready; no token leaks anywhere.
+
+mod common;
+
+use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
+
+use common::{AgentProcess, CoordinatorProcess, wait_for};
+use homelab::orchestrate::{ClusterSettings, DesiredNode};
+
+const NODES: [(&str, homelab::spec::Role, u8); 3] = [
+    ("k3s-control", homelab::spec::Role::Server, 100),
+    ("k3s-node-1", homelab::spec::Role::Agent, 101),
+    ("k3s-node-2", homelab::spec::Role::Agent, 102),
+];
+
+fn testdata(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/k3s")
+        .join(name)
+}
+
+fn copy_executable(from: &Path, to: &Path) {
+    fs::create_dir_all(to.parent().unwrap()).unwrap();
+    fs::copy(from, to).unwrap();
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.extend(files(&path));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_server_comes_first_the_agents_follow_and_all_end_ready() {
+    let mut coordinator = CoordinatorProcess::init(&["--health-interval", "1s"]);
+    // The desired cluster, as `homelab apply` records it; the installer is a file on each node.
+    {
+        let mut store = coordinator.state.open_store().unwrap();
+        store
+            .cluster_secrets(homelab::core::generate_tokens)
+            .unwrap();
+        let mut settings = ClusterSettings::from_spec(&homelab::spec::K3sSpec::default());
+        settings.installer = serde_json::json!({ "file": "/opt/homelab-test/install.sh" });
+        let rows: Vec<(String, String, String)> = NODES
+            .iter()
+            .map(|(name, role, last)| {
+                let node = DesiredNode {
+                    name: (*name).into(),
+                    role: *role,
+                    ip: std::net::Ipv4Addr::new(192, 168, 0, *last),
+                };
+                let role = if node.role == homelab::spec::Role::Server {
+                    "server"
+                } else {
+                    "agent"
+                };
+                (node.name, role.to_owned(), node.ip.to_string())
+            })
+            .collect();
+        store
+            .set_desired_cluster(&rows, &serde_json::to_string(&settings).unwrap())
+            .unwrap();
+    }
+    coordinator.start();
+    let cluster = coordinator.dir.path().join("fake-cluster");
+    fs::create_dir_all(&cluster).unwrap();
+
+    let mut agents = Vec::new();
+    for (name, _, _) in NODES {
+        let node_dir = coordinator.dir.path().join("agents").join(name);
+        let root = node_dir.join("root");
+        let bin = node_dir.join("bin");
+        copy_executable(
+            &testdata("fake-install.sh"),
+            &root.join("opt/homelab-test/install.sh"),
+        );
+        copy_executable(&testdata("fake-systemctl"), &bin.join("systemctl"));
+        fs::create_dir_all(root.join("etc/fake-k3s")).unwrap();
+        fs::write(
+            root.join("etc/fake-k3s/cluster-dir"),
+            format!("{}\n", cluster.display()),
+        )
+        .unwrap();
+        let extra = format!(
+            "systemctl = {:?}\ncommand_path = \"{}:/usr/bin:/bin\"\nk3s_ready_timeout_seconds = 30\n",
+            bin.join("systemctl"),
+            bin.display()
+        );
+        let token = coordinator.token(name);
+        agents.push(AgentProcess::start_with(&coordinator, name, &token, &extra));
+    }
+
+    let status = wait_for(
+        Duration::from_secs(60),
+        "all three nodes Ready and healthy",
+        || {
+            let out = coordinator.cli(&["status", "--output", "json"]);
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let nodes = status["nodes"].as_array()?;
+            let done = nodes.len() == 3
+                && nodes
+                    .iter()
+                    .all(|n| n["ready"] == true && n["last_health"]["healthy"] == true);
+            done.then_some(status)
+        },
+    );
+    for node in status["nodes"].as_array().unwrap() {
+        let expected = if node["name"] == "k3s-control" {
+            "server"
+        } else {
+            "agent"
+        };
+        assert_eq!(node["role"], expected, "{node}");
+        assert_eq!(node["last_error"], "", "{node}");
+    }
+
+    // The order: the server was assigned and became Ready before any agent was assigned.
+    let mut store = coordinator.state.open_store().unwrap();
+    let events = store.events_after(0, None, 100_000).unwrap();
+    let position = |node: &str, kind: &str| {
+        events
+            .iter()
+            .position(|e| e.node == node && e.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind} for {node}"))
+    };
+    assert!(position("k3s-control", "node.assigned") < position("k3s-control", "node.ready"));
+    for agent in ["k3s-node-1", "k3s-node-2"] {
+        assert!(
+            position("k3s-control", "node.ready") < position(agent, "node.assigned"),
+            "{agent}"
+        );
+    }
+
+    // No token anywhere but the 0600 token files: not in the events, the status output, the
+    // agents' and the coordinator's logs, any file of the node roots (unit, env file,
+    // config.yaml, the fake installer's record of its argv and environment), the fakes' call logs.
+    let secrets = store.cluster_secrets(|| unreachable!()).unwrap();
+    drop(store);
+    let status_text =
+        String::from_utf8(coordinator.cli(&["status", "--output", "json"]).stdout).unwrap();
+    let mut haystacks: Vec<(String, String)> = vec![
+        ("status".into(), status_text),
+        ("coordinator log".into(), coordinator.log()),
+        (
+            "events".into(),
+            events
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    ];
+    for agent in &agents {
+        haystacks.push((format!("{} log", agent.name), agent.log()));
+        for file in files(&agent.dir) {
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with("-token") || name == "k3s-checkpoint.json" {
+                let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+                assert_eq!(
+                    mode,
+                    0o600,
+                    "{} holds a secret and must be 0600",
+                    file.display()
+                );
+                continue;
+            }
+            let bytes = fs::read(&file).unwrap_or_default();
+            haystacks.push((
+                file.display().to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    for (what, text) in &haystacks {
+        for secret in [&secrets.server_token, &secrets.agent_token] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a K3s token appears in {what}"
+            );
+        }
+    }
+}
