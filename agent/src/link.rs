@@ -14,6 +14,9 @@
 //!    session, send those queued while disconnected, or resend the newest one. Health reports
 //!    carry the K3s unit state and, on a server, its view of the cluster; they go out at once
 //!    when either changes. Each health tick asks the K3s task to read both again.
+//! 7. Hand FetchKubeconfig, Kubectl and Uninstall to the K3s task too, and acknowledge each
+//!    when the task reports it done; a kubeconfig goes out as a KubeconfigReply just before
+//!    its acknowledgement. The kubeconfig is never logged.
 
 use std::{
     fs,
@@ -34,8 +37,8 @@ use crate::{
     facts,
     identity::{Identity, IdentityError, IdentityStore, PendingKey, unix, write_private},
     k3s::{
-        K3sEvent, K3sHandle, K3sStatus, PhaseEvent, StepOutcome, Submission, install::PHASE,
-        task::idle_phase,
+        K3sEvent, K3sHandle, K3sStatus, KubectlAction, KubectlCommand, Operation, PhaseEvent,
+        StepOutcome, Submission, install::PHASE, ops::OperationError, task::idle_phase,
     },
     transport::{self, TransportError},
 };
@@ -242,6 +245,19 @@ async fn serve(
                                     ack(tx, &config.state_dir, revision, false, "the K3s task has stopped; restart the agent").await?;
                                 }
                             }
+                            Some(pb::directive::Kind::FetchKubeconfig(_)) => {
+                                info!("asked for the admin kubeconfig (revision {revision})");
+                                operate(k3s, tx, &config.state_dir, revision, Ok(Operation::FetchKubeconfig)).await?;
+                            }
+                            Some(pb::directive::Kind::Kubectl(kubectl)) => {
+                                info!("asked to run kubectl on {:?} (revision {revision})", kubectl.node);
+                                let operation = kubectl_command(&kubectl).map(Operation::Kubectl);
+                                operate(k3s, tx, &config.state_dir, revision, operation).await?;
+                            }
+                            Some(pb::directive::Kind::Uninstall(_)) => {
+                                warn!("asked to uninstall K3s (revision {revision})");
+                                operate(k3s, tx, &config.state_dir, revision, Ok(Operation::Uninstall)).await?;
+                            }
                             Some(pb::directive::Kind::Decommission(d)) => {
                                 warn!("decommissioned by the coordinator: {}", d.reason);
                                 ack(tx, &config.state_dir, revision, true, "decommissioned").await?;
@@ -298,7 +314,53 @@ async fn serve(
     }
 }
 
-/// Sends a K3s task event: a phase report, or the acknowledgement of its directive.
+/// Hands an operation to the K3s task, which acknowledges it when done (rule 7); one that
+/// could not be read, or a stopped task, is acknowledged as failed at once.
+async fn operate(
+    k3s: &K3sHandle,
+    tx: &mpsc::Sender<AgentMessage>,
+    state_dir: &Path,
+    revision: u64,
+    operation: Result<Operation, OperationError>,
+) -> Result<(), LinkError> {
+    match operation {
+        Ok(operation) => {
+            if !k3s.operate(revision, operation) {
+                ack(
+                    tx,
+                    state_dir,
+                    revision,
+                    false,
+                    "the K3s task has stopped; restart the agent",
+                )
+                .await?;
+            }
+            Ok(())
+        }
+        Err(e) => ack(tx, state_dir, revision, false, &crate::chain(&e)).await,
+    }
+}
+
+/// The `Kubectl` directive as the K3s task takes it.
+fn kubectl_command(kubectl: &pb::Kubectl) -> Result<KubectlCommand, OperationError> {
+    let action = match pb::kubectl::Action::try_from(kubectl.action) {
+        Ok(pb::kubectl::Action::Drain) => KubectlAction::Drain,
+        Ok(pb::kubectl::Action::DeleteNode) => KubectlAction::DeleteNode,
+        Ok(pb::kubectl::Action::Unspecified) | Err(_) => {
+            return Err(OperationError::UnknownAction {
+                action: kubectl.action,
+            });
+        }
+    };
+    KubectlCommand::new(
+        action,
+        &kubectl.node,
+        Duration::from_secs(u64::from(kubectl.timeout_seconds)),
+    )
+}
+
+/// Sends a K3s task event: a phase report, a kubeconfig, or the acknowledgement of a
+/// directive.
 async fn forward(
     tx: &mpsc::Sender<AgentMessage>,
     state_dir: &Path,
@@ -306,6 +368,16 @@ async fn forward(
 ) -> Result<(), LinkError> {
     match event {
         K3sEvent::Phase(phase) => send(tx, Up::Phase(phase_report(phase))).await,
+        K3sEvent::Kubeconfig { revision, content } => {
+            send(
+                tx,
+                Up::Kubeconfig(pb::KubeconfigReply {
+                    revision,
+                    content: content.into_inner(),
+                }),
+            )
+            .await
+        }
         K3sEvent::Applied {
             revision,
             ok,

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::{
@@ -71,6 +71,21 @@ pub enum EnrollError {
     Store(#[from] StoreError),
 }
 
+/// Why a request to a node got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("node {0} is not connected")]
+    NotConnected(String),
+    #[error("node {0} is not reading its link")]
+    Busy(String),
+    #[error("the link to {0} closed before it answered")]
+    LinkLost(String),
+    #[error("{node} did not answer within {timeout:?}")]
+    Timeout { node: String, timeout: Duration },
+    #[error("link")]
+    Link(#[from] LinkError),
+}
+
 /// Why a link session was refused or a link request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -123,6 +138,34 @@ pub enum Directive {
     RenewCertificate,
     /// Forget the identity and stop.
     Decommission { reason: String },
+    /// Servers: reply with the admin kubeconfig.
+    FetchKubeconfig,
+    /// Servers: act on another node through the cluster API.
+    Kubectl {
+        action: KubectlAction,
+        node: String,
+        timeout_seconds: u32,
+    },
+    /// Uninstall K3s on this node.
+    Uninstall,
+}
+
+/// What a server does to another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubectlAction {
+    Drain,
+    DeleteNode,
+}
+
+/// A node's answer to a directive the coordinator waits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ack {
+        ok: bool,
+        message: String,
+    },
+    /// Holds admin credentials: never logged.
+    Kubeconfig(String),
 }
 
 /// What became of a pushed directive.
@@ -177,6 +220,8 @@ pub struct Coordinator {
     events: broadcast::Sender<EventRecord>,
     shutdown: watch::Sender<bool>,
     started_at_unix: i64,
+    /// Directives whose answer someone awaits, by node and revision.
+    pending: Mutex<HashMap<(String, u64), oneshot::Sender<Reply>>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -202,7 +247,56 @@ impl Coordinator {
             events,
             shutdown,
             started_at_unix: now_unix(),
+            pending: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Pushes a directive and waits for the node's answer (an ack, or a kubeconfig).
+    pub async fn request(
+        &self,
+        node: &str,
+        directive: Directive,
+        timeout: Duration,
+    ) -> Result<Reply, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        let mut slot = Some(tx);
+        let outcome = self.push_with(node, |revision| {
+            if let Some(tx) = slot.take() {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((node.to_owned(), revision), tx);
+            }
+            directive
+        })?;
+        let revision = match outcome {
+            PushOutcome::Sent(revision) => revision,
+            PushOutcome::NotConnected => return Err(RequestError::NotConnected(node.to_owned())),
+            PushOutcome::QueueFull => return Err(RequestError::Busy(node.to_owned())),
+        };
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(node.to_owned(), revision));
+        match answer {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RequestError::LinkLost(node.to_owned())),
+            Err(_) => Err(RequestError::Timeout {
+                node: node.to_owned(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Hands a node's answer to whoever awaits it; false if nobody does.
+    pub fn answer(&self, node: &NodeName, revision: u64, reply: Reply) -> bool {
+        let waiter = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(node.to_string(), revision));
+        waiter.is_some_and(|tx| tx.send(reply).is_ok())
     }
 
     pub fn settings(&self) -> &Settings {
@@ -502,6 +596,16 @@ impl Coordinator {
             Directive::Assignment { .. } => "assignment",
             Directive::RenewCertificate => "renew_certificate",
             Directive::Decommission { .. } => "decommission",
+            Directive::FetchKubeconfig => "fetch_kubeconfig",
+            Directive::Kubectl {
+                action: KubectlAction::Drain,
+                ..
+            } => "drain",
+            Directive::Kubectl {
+                action: KubectlAction::DeleteNode,
+                ..
+            } => "delete_node",
+            Directive::Uninstall => "uninstall",
         };
         permit.send(Outbound::Directive {
             revision,
@@ -691,12 +795,20 @@ impl Coordinator {
             let connected = self.connected_nodes();
             let mut observed = HashMap::new();
             for node in &desired {
-                let ready = store.node(&node.name)?.is_some_and(|n| n.k3s_ready);
+                let record = store.node(&node.name)?;
+                let ready = record.as_ref().is_some_and(|n| n.k3s_ready);
+                // The version the node runs, from its last K3s health report.
+                let version = record
+                    .and_then(|n| n.last_health)
+                    .and_then(|h| h.k3s)
+                    .map(|k| k.version)
+                    .filter(|v| !v.is_empty());
                 observed.insert(
                     node.name.clone(),
                     Observed {
                         connected: connected.contains(&node.name),
                         ready,
+                        version,
                     },
                 );
             }

@@ -8,6 +8,7 @@
 //! - [`spec`]: the cluster spec, `homelab.toml`, parsed strictly.
 //! - [`proxmox`]: the typed Proxmox VE API client.
 //! - [`seed`]: NoCloud seeds: rendering and the ISO image.
+//! - [`nodeops`]: kubeconfig and node removal, carried out through the agents.
 //! - [`orchestrate`]: which node gets which K3s install plan, and when.
 //! - [`provision`]: reconciling the spec's VMs with Proxmox (plan, apply, destroy).
 //! - [`store`]: the SQLite state database and its migrations.
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod core;
 pub mod fsutil;
 pub mod grpc;
+pub mod nodeops;
 pub mod orchestrate;
 pub mod pki;
 pub mod provision;

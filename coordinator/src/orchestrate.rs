@@ -17,6 +17,9 @@
 //!    so they verify the server they join. Workers never receive the server token.
 //! 5. Every server carries the same critical settings (one source: the spec) and the same
 //!    agent token.
+//! 6. A version change upgrades servers first, one at a time (each after every server before
+//!    it runs the new version and is Ready), then all agents. Until its turn a node's plan
+//!    keeps the version it runs, so nothing is pushed to it.
 //!
 //! The plan JSON is the agent's contract, `agent/src/k3s/plan.rs`, schema 1.
 
@@ -131,11 +134,13 @@ fn random_token() -> String {
 }
 
 /// What the coordinator knows of a node now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
     pub connected: bool,
     /// K3s Ready (for an agent: as a server sees it).
     pub ready: bool,
+    /// The K3s version the node reports running, if it has reported one.
+    pub version: Option<String>,
 }
 
 /// A plan for one node, without its directive revision (added when pushed).
@@ -198,7 +203,8 @@ pub fn decide(
     secrets: &ClusterSecrets,
     observed: &HashMap<String, Observed>,
 ) -> Vec<PlanDraft> {
-    let seen = |name: &str| observed.get(name).copied().unwrap_or_default();
+    let seen = |name: &str| observed.get(name).cloned().unwrap_or_default();
+    let versions = plan_versions(desired, settings, observed);
     let servers: Vec<&DesiredNode> = desired.iter().filter(|n| n.role == Role::Server).collect();
     let Some(first) = servers.first() else {
         return Vec::new();
@@ -217,6 +223,7 @@ pub fn decide(
         plans.push(draft(
             first,
             settings,
+            &versions,
             &secrets.server_token,
             Some(&secrets.agent_token),
             config,
@@ -236,6 +243,7 @@ pub fn decide(
                 plans.push(draft(
                     server,
                     settings,
+                    &versions,
                     &token,
                     Some(&secrets.agent_token),
                     config,
@@ -248,11 +256,48 @@ pub fn decide(
                 let mut config = base_config(agent);
                 config.insert("server".into(), json!(server_url));
                 let token = format!("K10{hash}::node:{}", secrets.agent_token);
-                plans.push(draft(agent, settings, &token, None, config));
+                plans.push(draft(agent, settings, &versions, &token, None, config));
             }
         }
     }
     plans
+}
+
+/// The version each node's plan carries now (rule 6).
+fn plan_versions(
+    desired: &[DesiredNode],
+    settings: &ClusterSettings,
+    observed: &HashMap<String, Observed>,
+) -> HashMap<String, Option<String>> {
+    let wanted = settings.version.clone();
+    let running = |name: &str| observed.get(name).and_then(|o| o.version.clone());
+    let ready = |name: &str| observed.get(name).is_some_and(|o| o.ready);
+    // Never installed, or already there: the wanted version.
+    let current = |name: &str| running(name).is_none() || running(name) == wanted;
+    let mut out = HashMap::new();
+    let mut servers_done = true;
+    let mut turn_taken = false;
+    for node in desired.iter().filter(|n| n.role == Role::Server) {
+        let version = if wanted.is_none() || current(&node.name) {
+            wanted.clone()
+        } else if servers_done && !turn_taken {
+            turn_taken = true;
+            wanted.clone()
+        } else {
+            running(&node.name)
+        };
+        servers_done &= current(&node.name) && ready(&node.name);
+        out.insert(node.name.clone(), version);
+    }
+    for node in desired.iter().filter(|n| n.role == Role::Agent) {
+        let version = if wanted.is_none() || current(&node.name) || servers_done {
+            wanted.clone()
+        } else {
+            running(&node.name)
+        };
+        out.insert(node.name.clone(), version);
+    }
+    out
 }
 
 fn base_config(node: &DesiredNode) -> serde_json::Map<String, Value> {
@@ -326,6 +371,7 @@ pub fn flags_to_config(flags: &[String]) -> Vec<(String, Value)> {
 fn draft(
     node: &DesiredNode,
     settings: &ClusterSettings,
+    versions: &HashMap<String, Option<String>>,
     token: &str,
     agent_token: Option<&str>,
     config: serde_json::Map<String, Value>,
@@ -338,7 +384,11 @@ fn draft(
     body.insert("schema".into(), json!(1));
     body.insert("install_revision".into(), json!(settings.install_revision));
     body.insert("role".into(), json!(role));
-    body.insert("version".into(), json!(settings.version));
+    let version = versions
+        .get(&node.name)
+        .cloned()
+        .unwrap_or_else(|| settings.version.clone());
+    body.insert("version".into(), json!(version));
     body.insert("channel".into(), json!(settings.channel));
     body.insert("installer".into(), settings.installer.clone());
     body.insert("token".into(), json!(token));
@@ -385,6 +435,7 @@ mod tests {
                     Observed {
                         connected: *connected,
                         ready: *ready,
+                        version: None,
                     },
                 )
             })
@@ -552,5 +603,64 @@ mod tests {
                 .all(|c| c.is_ascii_alphanumeric())
         );
         assert_ne!(tokens.server_token, tokens.agent_token);
+    }
+
+    #[test]
+    fn an_upgrade_goes_server_by_server_then_to_the_agents() {
+        let desired = [
+            node("s1", Role::Server, 11),
+            node("s2", Role::Server, 12),
+            node("a1", Role::Agent, 21),
+        ];
+        let mut secrets = ClusterSecrets::generate();
+        secrets.ca_hash = Some("ef".repeat(32));
+        let old = "v1.31.4+k3s1";
+        let new = "v1.32.1+k3s1";
+        let mut newer = settings();
+        newer.version = Some(new.into());
+        let state = |running: &[(&str, &str)]| -> HashMap<String, Observed> {
+            running
+                .iter()
+                .map(|(n, v)| {
+                    let observed = Observed {
+                        connected: true,
+                        ready: true,
+                        version: Some((*v).to_owned()),
+                    };
+                    ((*n).to_owned(), observed)
+                })
+                .collect()
+        };
+        let version_of = |plans: &[PlanDraft], name: &str| {
+            let plan = plans.iter().find(|p| p.node == name).unwrap();
+            plan.body["version"].as_str().unwrap().to_owned()
+        };
+        // Everyone on the old version: only s1 moves.
+        let plans = decide(
+            &desired,
+            &newer,
+            &secrets,
+            &state(&[("s1", old), ("s2", old), ("a1", old)]),
+        );
+        assert_eq!(version_of(&plans, "s1"), new);
+        assert_eq!(version_of(&plans, "s2"), old);
+        assert_eq!(version_of(&plans, "a1"), old);
+        // s1 upgraded and Ready: s2's turn; agents still wait.
+        let plans = decide(
+            &desired,
+            &newer,
+            &secrets,
+            &state(&[("s1", new), ("s2", old), ("a1", old)]),
+        );
+        assert_eq!(version_of(&plans, "s2"), new);
+        assert_eq!(version_of(&plans, "a1"), old);
+        // Every server upgraded: the agents follow.
+        let plans = decide(
+            &desired,
+            &newer,
+            &secrets,
+            &state(&[("s1", new), ("s2", new), ("a1", old)]),
+        );
+        assert_eq!(version_of(&plans, "a1"), new);
     }
 }

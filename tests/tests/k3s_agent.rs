@@ -27,9 +27,10 @@ use homelab_agent::{
     Stopped,
     config::AgentConfig,
     k3s::{
-        Executor, ExecutorSettings, InstallPlan, K3sEvent, K3sHandle, K3sStatus, PhaseEvent,
-        Reporter, Step, StepOutcome, Submission, SystemHost, fetch::FetchError,
-        install::K3sInstallError, view::SERVER_CA_PATH,
+        Executor, ExecutorSettings, InstallPlan, K3sEvent, K3sHandle, K3sStatus, KubectlAction,
+        KubectlCommand, Operation, PhaseEvent, Reporter, Step, StepOutcome, Submission, SystemHost,
+        checkpoint::CHECKPOINT_FILE, fetch::FetchError, install::K3sInstallError,
+        view::SERVER_CA_PATH,
     },
     link::k3s_health,
 };
@@ -283,7 +284,11 @@ fn server_plan(
 }
 
 fn agent_plan(revision: u64, tokens: &Tokens) -> InstallPlan {
-    let text = json!({
+    InstallPlan::for_directive(revision, "agent", &agent_plan_json(revision, tokens)).unwrap()
+}
+
+fn agent_plan_json(revision: u64, tokens: &Tokens) -> String {
+    json!({
         "schema": 1,
         "revision": revision,
         "install_revision": 1,
@@ -294,8 +299,7 @@ fn agent_plan(revision: u64, tokens: &Tokens) -> InstallPlan {
         "token": tokens.agent,
         "config": {"server": "https://10.0.0.11:6443", "node-name": "wk-1", "node-label": ["tier=worker"]}
     })
-    .to_string();
-    InstallPlan::for_directive(revision, "agent", &text).unwrap()
+    .to_string()
 }
 
 fn file_installer() -> Value {
@@ -1077,6 +1081,177 @@ async fn a_server_without_a_cni_reports_its_node_not_ready_and_waits_for_cni() {
         status.detail()
     );
     handle.shutdown().await;
+}
+
+/// The events of `handle` up to and including the acknowledgement of `revision`, waiting at
+/// most 30 s for each.
+async fn until_acknowledged(
+    handle: &mut K3sHandle,
+    revision: u64,
+) -> (Vec<K3sEvent>, bool, String) {
+    let mut events = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), handle.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("revision {revision} is acknowledged within 30 s"));
+        if let K3sEvent::Applied {
+            revision: r,
+            ok,
+            message,
+        } = &event
+            && *r == revision
+        {
+            let (ok, message) = (*ok, message.clone());
+            return (events, ok, message);
+        }
+        events.push(event);
+    }
+}
+
+fn kubectl(action: KubectlAction, node: &str) -> Operation {
+    Operation::Kubectl(KubectlCommand::new(action, node, Duration::from_secs(30)).unwrap())
+}
+
+#[tokio::test]
+async fn a_server_hands_over_its_kubeconfig_drains_and_deletes_a_node_that_then_uninstalls() {
+    let cluster = tempfile::tempdir().unwrap();
+    let server = Node::new();
+    let worker = Node::new();
+    server.join_fake_cluster(cluster.path());
+    worker.join_fake_cluster(cluster.path());
+    let tokens = Tokens::new("ops");
+    let mut server_k3s = K3sHandle::spawn(server.executor(Duration::from_secs(10)));
+    let mut worker_k3s = K3sHandle::spawn(worker.executor(Duration::from_secs(10)));
+    server_k3s.submit(Submission {
+        revision: 2,
+        role: "server".into(),
+        plan_json: server_plan_json(2, 1, "10.0.0.11", file_installer(), &tokens),
+    });
+    worker_k3s.submit(Submission {
+        revision: 3,
+        role: "agent".into(),
+        plan_json: agent_plan_json(3, &tokens),
+    });
+    for (handle, revision) in [(&mut server_k3s, 2), (&mut worker_k3s, 3)] {
+        let (_, ok, message) = until_acknowledged(handle, revision).await;
+        assert!(ok, "{message}");
+    }
+    assert!(cluster.path().join("nodes/wk-1").exists());
+    assert!(worker.host_file("/etc/rancher/node/password").exists());
+
+    // The server's kubeconfig, exactly as stored, then its acknowledgement.
+    let stored = fs::read_to_string(server.host_file("/etc/rancher/k3s/k3s.yaml")).unwrap();
+    assert!(server_k3s.operate(10, Operation::FetchKubeconfig));
+    let (events, ok, message) = until_acknowledged(&mut server_k3s, 10).await;
+    assert!(ok, "{message}");
+    let replies: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            K3sEvent::Kubeconfig {
+                revision: 10,
+                content,
+            } => Some(content.expose().to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies, std::slice::from_ref(&stored));
+    // An agent has none: a clear refusal and no reply.
+    worker_k3s.operate(11, Operation::FetchKubeconfig);
+    let (events, ok, message) = until_acknowledged(&mut worker_k3s, 11).await;
+    assert!(
+        !ok && message.contains("K3s agent; only a server"),
+        "{message}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, K3sEvent::Kubeconfig { .. }))
+    );
+
+    // Drain, then delete, the worker's Node through the server.
+    server_k3s.operate(12, kubectl(KubectlAction::Drain, "wk-1"));
+    let (_, ok, message) = until_acknowledged(&mut server_k3s, 12).await;
+    assert!(ok && message.contains("node/wk-1 drained"), "{message}");
+    assert!(cluster.path().join("cordoned/wk-1").exists());
+    server_k3s.operate(13, kubectl(KubectlAction::DeleteNode, "wk-1"));
+    let (_, ok, message) = until_acknowledged(&mut server_k3s, 13).await;
+    assert!(ok, "{message}");
+    assert!(!cluster.path().join("nodes/wk-1").exists());
+    assert!(cluster.path().join("nodes/cp-1").exists());
+    // A Node the cluster does not know cannot be drained: the error says why.
+    server_k3s.operate(14, kubectl(KubectlAction::Drain, "wk-9"));
+    let (_, ok, message) = until_acknowledged(&mut server_k3s, 14).await;
+    assert!(
+        !ok && message.contains("k3s kubectl drain wk-9 ended with exit code 1")
+            && message.contains(r#"nodes "wk-9" not found"#),
+        "{message}"
+    );
+
+    // Uninstall on the worker: K3s files, /etc/rancher/node and the checkpoint go.
+    worker_k3s.operate(15, Operation::Uninstall);
+    let (_, ok, message) = until_acknowledged(&mut worker_k3s, 15).await;
+    assert!(
+        ok && message.contains("/usr/local/bin/k3s-agent-uninstall.sh"),
+        "{message}"
+    );
+    for gone in [
+        "/usr/local/bin/k3s",
+        "/usr/local/bin/k3s-agent-uninstall.sh",
+        "/etc/systemd/system/k3s-agent.service",
+        "/etc/systemd/system/k3s-agent.service.env",
+        "/etc/rancher/k3s",
+        "/var/lib/rancher/k3s",
+        "/etc/rancher/node",
+    ] {
+        assert!(!worker.host_file(gone).exists(), "{gone} is left");
+    }
+    assert!(!worker.state().join(CHECKPOINT_FILE).exists());
+    assert_eq!(worker.unit_state("k3s-agent"), "inactive");
+    assert!(
+        worker
+            .systemctl_mutations()
+            .ends_with(&["stop k3s-agent".into(), "disable k3s-agent".into()]),
+        "{:?}",
+        worker.systemctl_mutations()
+    );
+    let status = status_until(&worker_k3s, "no role", |s| s.role.is_none()).await;
+    assert_eq!(status.detail(), "agent running; no role assigned");
+    // The script ran with a cleared environment.
+    let log = fs::read_to_string(worker.state().join("fake-install.log")).unwrap();
+    assert!(log.contains("uninstall k3s-agent"), "{log}");
+    let env: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("uninstall-env "))
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(env.contains(&"PATH"), "{env:?}");
+    assert!(
+        env.iter()
+            .all(|k| ["PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(k)),
+        "{env:?}"
+    );
+    // The deleted Node stays deleted; the server's does not change.
+    assert!(!cluster.path().join("nodes/wk-1").exists());
+    assert_eq!(server.unit_state("k3s"), "active");
+
+    // A second uninstall has nothing to do.
+    worker_k3s.operate(16, Operation::Uninstall);
+    let (_, ok, message) = until_acknowledged(&mut worker_k3s, 16).await;
+    assert!(ok, "{message}");
+    assert_eq!(message, "nothing to uninstall");
+
+    // Neither the kubeconfig nor a token was logged.
+    let logs = LOGS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for line in &logs {
+        assert!(
+            !line.contains(stored.trim())
+                && !line.contains(&tokens.server)
+                && !line.contains(&tokens.agent),
+            "a secret was logged: {line}"
+        );
+    }
+    server_k3s.shutdown().await;
+    worker_k3s.shutdown().await;
 }
 
 /// Every regular file under `dir`, symlinks not followed.

@@ -94,6 +94,38 @@ impl Agent {
         }
     }
 
+    /// The next directive that is not an assignment.
+    async fn directive(&mut self) -> pb::Directive {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.down.message())
+                .await
+                .unwrap_or_else(|_| panic!("{} got no directive in time", self.name))
+                .unwrap()
+                .unwrap();
+            if let Some(Down::Directive(d)) = message.body
+                && !matches!(d.kind, Some(pb::directive::Kind::Assignment(_)))
+            {
+                return d;
+            }
+        }
+    }
+
+    async fn send(&self, body: Up) {
+        self.tx
+            .send(AgentMessage { body: Some(body) })
+            .await
+            .unwrap();
+    }
+
+    async fn ack(&self, revision: u64, ok: bool, message: &str) {
+        self.send(Up::Ack(pb::DirectiveAck {
+            revision,
+            ok,
+            message: message.into(),
+        }))
+        .await;
+    }
+
     /// Reports K3s health; a server also reports its view of the cluster.
     async fn report(&self, role: &str, ca_hash: &str, ready_nodes: &[&str]) {
         let k3s = pb::K3sHealth {
@@ -377,5 +409,145 @@ async fn a_cloned_machine_id_is_refused_by_name() {
         "{err:?}"
     );
     assert!(err.message().contains("k3s-node-1"), "{err:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn kubeconfig_comes_from_a_ready_server_pointed_at_its_address() {
+    let c = InProcess::start(Settings::default()).await;
+    c.core
+        .set_desired_cluster(&desired(&[("s1", Role::Server, 11)]), &settings())
+        .unwrap();
+    let mut server = Agent::join(&c, "s1", "m-s1").await.unwrap();
+    server.assignment().await;
+    server.report("server", CA, &["s1"]).await;
+    until(&c, "s1 Ready", |e| {
+        e.iter().any(|(n, k)| n == "s1" && k == "node.ready")
+    })
+    .await;
+    let mut admin = homelab_proto::v1::admin_client::AdminClient::new(c.operator_channel().await);
+    let call = tokio::spawn(async move {
+        admin
+            .get_kubeconfig(pb::GetKubeconfigRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    let directive = server.directive().await;
+    assert!(matches!(
+        directive.kind,
+        Some(pb::directive::Kind::FetchKubeconfig(_))
+    ));
+    server
+        .send(Up::Kubeconfig(pb::KubeconfigReply {
+            revision: directive.revision,
+            content: "clusters:\n- cluster:\n    server: https://127.0.0.1:6443\n".into(),
+        }))
+        .await;
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.server, "s1");
+    assert!(
+        reply.content.contains("server: https://192.168.0.11:6443"),
+        "{}",
+        reply.content
+    );
+    // The credentials are not in the event log.
+    let events = c.core.store().events_after(0, None, 100_000).unwrap();
+    assert!(!events.iter().any(|e| e.message.contains("clusters:")));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn removing_a_server_that_would_break_quorum_is_refused() {
+    let c = InProcess::start(Settings::default()).await;
+    c.core
+        .set_desired_cluster(
+            &desired(&[("s1", Role::Server, 11), ("s2", Role::Server, 12)]),
+            &settings(),
+        )
+        .unwrap();
+    let mut s1 = Agent::join(&c, "s1", "m-s1").await.unwrap();
+    let _s2 = Agent::join(&c, "s2", "m-s2").await.unwrap();
+    s1.assignment().await;
+    s1.report("server", CA, &["s1", "s2"]).await;
+    until(&c, "both Ready", |e| {
+        e.iter().filter(|(_, k)| k == "node.ready").count() == 2
+    })
+    .await;
+    let err = homelab_proto::v1::admin_client::AdminClient::new(c.operator_channel().await)
+        .remove_node(pb::RemoveNodeRequest {
+            name: "s2".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("quorum"), "{err:?}");
+    assert_eq!(c.core.roles().unwrap().len(), 2, "nothing was removed");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn removing_an_agent_drains_uninstalls_and_deletes_it() {
+    let c = InProcess::start(Settings::default()).await;
+    c.core
+        .set_desired_cluster(
+            &desired(&[("s1", Role::Server, 11), ("a1", Role::Agent, 21)]),
+            &settings(),
+        )
+        .unwrap();
+    let mut s1 = Agent::join(&c, "s1", "m-s1").await.unwrap();
+    let mut a1 = Agent::join(&c, "a1", "m-a1").await.unwrap();
+    s1.assignment().await;
+    s1.report("server", CA, &["s1", "a1"]).await;
+    a1.assignment().await;
+    let mut admin = homelab_proto::v1::admin_client::AdminClient::new(c.operator_channel().await);
+    let call = tokio::spawn(async move {
+        admin
+            .remove_node(pb::RemoveNodeRequest {
+                name: "a1".into(),
+                force: false,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    let drain = s1.directive().await;
+    match &drain.kind {
+        Some(pb::directive::Kind::Kubectl(k)) => {
+            assert_eq!(k.action, pb::kubectl::Action::Drain as i32);
+            assert_eq!(k.node, "a1");
+        }
+        other => panic!("expected a drain, got {other:?}"),
+    }
+    s1.ack(drain.revision, true, "drained").await;
+    let uninstall = a1.directive().await;
+    assert!(matches!(
+        uninstall.kind,
+        Some(pb::directive::Kind::Uninstall(_))
+    ));
+    a1.ack(uninstall.revision, true, "uninstalled").await;
+    let delete = s1.directive().await;
+    match &delete.kind {
+        Some(pb::directive::Kind::Kubectl(k)) => {
+            assert_eq!(k.action, pb::kubectl::Action::DeleteNode as i32)
+        }
+        other => panic!("expected a node delete, got {other:?}"),
+    }
+    s1.ack(delete.revision, true, "deleted").await;
+    let removal = call.await.unwrap().unwrap();
+    assert!(
+        removal.drained && removal.uninstalled && removal.node_deleted,
+        "{removal:?}"
+    );
+    assert!(removal.warnings.is_empty(), "{removal:?}");
+    assert!(!c.core.roles().unwrap().contains_key("a1"));
+    let kinds: Vec<_> = c
+        .core
+        .store()
+        .events_after(0, Some("a1"), 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&"node.removed".to_owned()), "{kinds:?}");
     c.stop().await;
 }

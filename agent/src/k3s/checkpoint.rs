@@ -196,6 +196,18 @@ impl CheckpointStore {
         Ok(Some(checkpoint))
     }
 
+    /// Deletes the checkpoint; a missing one is not an error.
+    pub fn remove(&self) -> Result<(), CheckpointError> {
+        match fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(CheckpointError::Write {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
     /// Replaces the checkpoint atomically (0600).
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let write_error = |source| CheckpointError::Write {

@@ -36,6 +36,11 @@ struct State {
     nodes_json: String,
     /// kubectl never answers: it runs until its timeout.
     kubectl_hangs: bool,
+    /// The uninstall scripts' exit code.
+    uninstall_exit: i32,
+    /// Nodes the fake cluster knows, for `kubectl drain` and `delete node`, with whether
+    /// they are cordoned.
+    cluster_nodes: BTreeMap<String, bool>,
 }
 
 /// The fake host. Clones share one machine, so a test can keep a handle on a host it gave
@@ -59,6 +64,8 @@ impl Default for FakeHost {
                 readyz: None,
                 nodes_json: r#"{"apiVersion":"v1","kind":"List","items":[]}"#.into(),
                 kubectl_hangs: false,
+                uninstall_exit: 0,
+                cluster_nodes: BTreeMap::new(),
             })),
         }
     }
@@ -135,6 +142,21 @@ impl FakeHost {
         self.state().kubectl_hangs = hangs;
     }
 
+    /// The uninstall scripts' exit code from now on.
+    pub(crate) fn set_uninstall_exit(&self, code: i32) {
+        self.state().uninstall_exit = code;
+    }
+
+    /// Registers a Node in the fake cluster (for drain and delete).
+    pub(crate) fn add_cluster_node(&self, name: &str) {
+        self.state().cluster_nodes.insert(name.into(), false);
+    }
+
+    /// The fake cluster's Nodes, with whether each is cordoned.
+    pub(crate) fn cluster_nodes(&self) -> BTreeMap<String, bool> {
+        self.state().cluster_nodes.clone()
+    }
+
     /// Changes a unit's state behind the agent's back.
     pub(crate) fn set_unit_state(&self, unit: &str, state: &str) {
         self.state().units.insert(unit.into(), state.into());
@@ -167,7 +189,7 @@ impl FakeHost {
                 timeout: command.timeout,
             });
         }
-        let state = self.state();
+        let mut state = self.state();
         let up = state.units.get("k3s").map(String::as_str) == Some("active");
         let args: Vec<&str> = command.args.iter().map(String::as_str).collect();
         match (args.as_slice(), &state.readyz) {
@@ -181,8 +203,77 @@ impl FakeHost {
             )),
             (["kubectl", "get", "--raw=/readyz"], None) => Ok(output(0, "ok", "")),
             (["kubectl", "get", "nodes", "-o", "json"], _) => Ok(output(0, &state.nodes_json, "")),
+            (["kubectl", "drain", node, ..], _) => match state.cluster_nodes.get_mut(*node) {
+                Some(cordoned) => {
+                    *cordoned = true;
+                    Ok(output(
+                        0,
+                        &format!("node/{node} cordoned\nnode/{node} drained"),
+                        "",
+                    ))
+                }
+                None => Ok(output(
+                    1,
+                    "",
+                    &format!("Error from server (NotFound): nodes \"{node}\" not found"),
+                )),
+            },
+            (["kubectl", "delete", "node", node, rest @ ..], _) => {
+                if state.cluster_nodes.remove(*node).is_some() {
+                    Ok(output(0, &format!("node \"{node}\" deleted"), ""))
+                } else if rest.contains(&"--ignore-not-found") {
+                    Ok(output(0, "", ""))
+                } else {
+                    Ok(output(
+                        1,
+                        "",
+                        &format!("Error from server (NotFound): nodes \"{node}\" not found"),
+                    ))
+                }
+            }
             _ => Ok(output(1, "", "fake kubectl: unsupported arguments")),
         }
+    }
+}
+
+impl FakeHost {
+    /// `sh /usr/local/bin/<unit>-uninstall.sh`: stops the unit and removes what install.sh
+    /// wrote and the K3s directories, leaving `/etc/rancher/node` (k3s.md §1.3).
+    fn uninstall(&self, command: &HostCommand) -> CommandOutput {
+        let mut state = self.state();
+        let env: Vec<String> = command
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let line = format!("run {} {}", command.args.join(" "), env.join(" "));
+        state.calls.push(line.clone());
+        state.mutations.push(line);
+        if state.uninstall_exit != 0 {
+            return output(
+                state.uninstall_exit,
+                "",
+                "rm: cannot remove '/var/lib/rancher/k3s': Device or resource busy",
+            );
+        }
+        let script = Path::new(&command.args[0])
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let unit = script.trim_end_matches("-uninstall.sh").to_owned();
+        state.units.remove(&unit);
+        let doomed = [
+            PathBuf::from("/usr/local/bin/k3s"),
+            format!("/usr/local/bin/{script}").into(),
+            format!("/etc/systemd/system/{unit}.service").into(),
+            format!("/etc/systemd/system/{unit}.service.env").into(),
+        ];
+        state.files.retain(|p, _| {
+            !doomed.contains(p)
+                && !p.starts_with("/etc/rancher/k3s")
+                && !p.starts_with("/var/lib/rancher/k3s")
+        });
+        output(0, &format!("fake {script}"), "")
     }
 }
 
@@ -225,11 +316,30 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn remove_tree(&self, path: &Path) -> Result<(), HostError> {
+        let mut state = self.state();
+        let before = state.files.len();
+        state.files.retain(|p, _| !p.starts_with(path));
+        if state.files.len() != before {
+            state
+                .mutations
+                .push(format!("remove -r {}", path.display()));
+        }
+        Ok(())
+    }
+
     async fn run(&self, command: &HostCommand) -> Result<CommandOutput, HostError> {
         // A real command takes time: let other tasks run, as they would meanwhile.
         tokio::task::yield_now().await;
         if command.args.first().map(String::as_str) == Some("kubectl") {
             return self.kubectl(command).await;
+        }
+        if command
+            .args
+            .first()
+            .is_some_and(|a| a.ends_with("-uninstall.sh"))
+        {
+            return Ok(self.uninstall(command));
         }
         let mut state = self.state();
         let script = command
@@ -269,6 +379,10 @@ impl Host for FakeHost {
         state
             .files
             .insert("/usr/local/bin/k3s".into(), (b"fake k3s".to_vec(), 0o755));
+        state.files.insert(
+            format!("/usr/local/bin/{unit}-uninstall.sh").into(),
+            (b"#!/bin/sh\n".to_vec(), 0o755),
+        );
         state.files.insert(
             format!("/etc/systemd/system/{unit}.service").into(),
             (b"[Service]\nType=notify\nRestart=always\n".to_vec(), 0o644),

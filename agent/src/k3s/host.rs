@@ -160,6 +160,9 @@ pub trait Host: Send + Sync {
     /// Removes a file; a missing file is not an error.
     fn remove(&self, path: &Path) -> Result<(), HostError>;
 
+    /// Removes a directory and everything under it; a missing one is not an error.
+    fn remove_tree(&self, path: &Path) -> Result<(), HostError>;
+
     /// Runs a command with a cleared environment and waits for it, within its timeout.
     fn run(
         &self,
@@ -242,6 +245,15 @@ impl Host for SystemHost {
     fn remove(&self, path: &Path) -> Result<(), HostError> {
         let real = self.real_path(path)?;
         match fs::remove_file(&real) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HostError::Remove { path: real, source }),
+        }
+    }
+
+    fn remove_tree(&self, path: &Path) -> Result<(), HostError> {
+        let real = self.real_path(path)?;
+        match fs::remove_dir_all(&real) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(HostError::Remove { path: real, source }),

@@ -304,6 +304,11 @@ impl<H: Host> Executor<H> {
         self.store.load()
     }
 
+    /// Forgets every plan: the next one is a first install.
+    pub fn forget_checkpoint(&self) -> Result<(), CheckpointError> {
+        self.store.remove()
+    }
+
     /// The unit's state as `systemctl is-active` prints it (`active`, `activating`, …).
     pub async fn unit_state(&self, role: Role) -> Result<String, HostError> {
         let output = self
@@ -778,12 +783,7 @@ impl<H: Host> Executor<H> {
 
     /// Redacts the tokens in the token files, for text produced after they were written.
     fn redactor_from_token_files(&self) -> Redactor {
-        let secrets = [SERVER_TOKEN_PATH, AGENT_TOKEN_PATH]
-            .iter()
-            .filter_map(|path| self.host.read(Path::new(path)).ok().flatten())
-            .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
-            .collect();
-        Redactor::new(secrets)
+        token_redactor(&self.host)
     }
 
     /// The hash of what is on disk now, comparable with [`InstallPlan::config_hash`].
@@ -798,6 +798,16 @@ impl<H: Host> Executor<H> {
                 .map(|(path, contents)| (*path, contents.as_deref())),
         ))
     }
+}
+
+/// Redacts the tokens in `host`'s token files, for text produced after they were written.
+pub fn token_redactor<H: Host>(host: &H) -> Redactor {
+    let secrets = [SERVER_TOKEN_PATH, AGENT_TOKEN_PATH]
+        .iter()
+        .filter_map(|path| host.read(Path::new(path)).ok().flatten())
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .collect();
+    Redactor::new(secrets)
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //! - [`fetch`]: the installer download, on the hyper and rustls the gRPC link already uses.
 //! - [`task`]: the task that owns the executor across link sessions, and its `K3sHandle`.
 //! - [`view`]: a server's view of the cluster (CA hash, API readiness, Node conditions).
+//! - [`ops`]: operations the coordinator asks for on an installed node: the admin
+//!   kubeconfig, `kubectl drain` and `delete node`, uninstall.
 
 pub mod checkpoint;
 #[cfg(test)]
@@ -21,6 +23,7 @@ mod fake;
 pub mod fetch;
 pub mod host;
 pub mod install;
+pub mod ops;
 pub mod plan;
 pub mod task;
 pub mod view;
@@ -30,6 +33,7 @@ use std::time::Duration;
 pub use self::{
     host::{Host, SystemHost},
     install::{Executor, ExecutorSettings, PhaseEvent, Reporter, Step, StepOutcome},
+    ops::{Kubeconfig, KubectlAction, KubectlCommand, Operation},
     plan::{InstallPlan, Role},
     task::{K3sEvent, K3sHandle, K3sStatus, Submission},
     view::{NodeReady, ServerView},

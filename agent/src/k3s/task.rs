@@ -19,8 +19,13 @@
 //!    without asks, and published through a `watch` for health reports. Each refresh of a
 //!    server whose unit is active also reads its [`ServerView`] of the cluster; otherwise
 //!    the view is `None`. Asks made while a plan runs collapse into one refresh after it.
-//! 6. The queue is unbounded, but only plans add to it: at most two events per step per
-//!    attempt and one acknowledgement per directive.
+//! 6. The queue is unbounded, but only directives add to it: at most two events per step per
+//!    attempt, one acknowledgement per directive, and one kubeconfig per `FetchKubeconfig`.
+//! 7. Operations ([`Operation`]) are acknowledged once each, ok or failed with the reason. A
+//!    kubeconfig goes out as a [`K3sEvent::Kubeconfig`] just before its acknowledgement.
+//!    `kubectl` runs beside everything else (a drain may take minutes); the kubeconfig is
+//!    read at once; an uninstall waits for the plan in progress, and on success the status
+//!    goes back to "no role".
 
 use std::{
     sync::{Arc, Mutex},
@@ -30,7 +35,7 @@ use std::{
 use log::{error, info, warn};
 use tokio::{
     sync::{Notify, mpsc, watch},
-    task::JoinHandle,
+    task::{JoinHandle, JoinSet},
 };
 
 use crate::{
@@ -38,6 +43,7 @@ use crate::{
     k3s::{
         host::Host,
         install::{Executor, K3sInstallError, PhaseEvent, Reporter, Step, StepOutcome},
+        ops::{self, Kubeconfig, Operation, OperationError},
         plan::{self, InstallPlan, Role},
         view::{self, ServerView},
     },
@@ -74,6 +80,8 @@ impl std::fmt::Debug for Submission {
 pub enum K3sEvent {
     /// Progress of a step (phase [`PHASE`](crate::k3s::install::PHASE)).
     Phase(PhaseEvent),
+    /// The admin kubeconfig a `FetchKubeconfig` asked for; its acknowledgement follows.
+    Kubeconfig { revision: u64, content: Kubeconfig },
     /// The directive is done: acknowledge it.
     Applied {
         revision: u64,
@@ -178,6 +186,7 @@ fn newest(shared: &SharedNewest) -> Newest {
 #[derive(Debug)]
 pub struct K3sHandle {
     submissions: mpsc::UnboundedSender<Submission>,
+    operations: mpsc::UnboundedSender<(u64, Operation)>,
     events: mpsc::UnboundedReceiver<K3sEvent>,
     status: watch::Receiver<K3sStatus>,
     newest_submitted: SharedNewest,
@@ -190,8 +199,9 @@ pub struct K3sHandle {
 
 impl K3sHandle {
     /// Starts the task (rule 1: it resumes an interrupted plan first).
-    pub fn spawn<H: Host + 'static>(executor: Executor<H>) -> Self {
+    pub fn spawn<H: Host + Clone + 'static>(executor: Executor<H>) -> Self {
         let (submissions, inbox) = mpsc::unbounded_channel();
+        let (operations, operation_inbox) = mpsc::unbounded_channel();
         let (outbox, events) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(K3sStatus::default());
         let newest_submitted = SharedNewest::default();
@@ -200,6 +210,8 @@ impl K3sHandle {
             Task {
                 executor,
                 inbox,
+                operations: operation_inbox,
+                running: JoinSet::new(),
                 outbox,
                 status: status_tx,
                 newest_submitted: newest_submitted.clone(),
@@ -210,6 +222,7 @@ impl K3sHandle {
         );
         Self {
             submissions,
+            operations,
             events,
             status,
             newest_submitted,
@@ -236,6 +249,12 @@ impl K3sHandle {
             }
         }
         self.submissions.send(submission).is_ok()
+    }
+
+    /// Hands an operation to the task (rule 7). It is acknowledged through
+    /// [`K3sHandle::next_event`]. `false` when the task has stopped.
+    pub fn operate(&self, revision: u64, operation: Operation) -> bool {
+        self.operations.send((revision, operation)).is_ok()
     }
 
     /// The next event; waits for ever once the task has stopped.
@@ -317,9 +336,19 @@ pub fn idle_phase(status: &K3sStatus) -> (String, String) {
     }
 }
 
+/// What the task does next.
+enum Next {
+    Apply(Submission),
+    Operate(u64, Operation),
+    Refresh,
+}
+
 struct Task<H> {
     executor: Executor<H>,
     inbox: mpsc::UnboundedReceiver<Submission>,
+    operations: mpsc::UnboundedReceiver<(u64, Operation)>,
+    /// kubectl calls in progress (rule 7); aborted with the task.
+    running: JoinSet<()>,
     outbox: mpsc::UnboundedSender<K3sEvent>,
     status: watch::Sender<K3sStatus>,
     newest_submitted: SharedNewest,
@@ -329,7 +358,7 @@ struct Task<H> {
     waiting: Option<Submission>,
 }
 
-impl<H: Host> Task<H> {
+impl<H: Host + Clone + 'static> Task<H> {
     async fn run(mut self) {
         self.publish_checkpoint();
         self.resume().await;
@@ -338,27 +367,65 @@ impl<H: Host> Task<H> {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = match self.waiting.take() {
-                Some(submission) => Some(submission),
+                Some(submission) => Next::Apply(submission),
                 None => tokio::select! {
                     submission = self.inbox.recv() => match submission {
-                        Some(submission) => Some(submission),
+                        Some(submission) => Next::Apply(submission),
                         None => return,
                     },
-                    _ = refresh.tick() => None,
+                    Some((revision, operation)) = self.operations.recv() => {
+                        Next::Operate(revision, operation)
+                    }
+                    Some(_) = self.running.join_next(), if !self.running.is_empty() => continue,
+                    _ = refresh.tick() => Next::Refresh,
                     () = self.refresh.notified() => {
                         // The link's ticks drive refreshes while it asks.
                         refresh.reset();
-                        None
+                        Next::Refresh
                     }
                 },
             };
             match next {
-                Some(submission) => {
+                Next::Apply(submission) => {
                     let submission = self.newest(submission);
                     self.handle(submission).await;
-                    self.refresh_unit().await;
                 }
-                None => self.refresh_unit().await,
+                Next::Operate(revision, operation) => self.operate(revision, operation).await,
+                Next::Refresh => {}
+            }
+            self.refresh_unit().await;
+        }
+    }
+
+    /// Rule 7.
+    async fn operate(&mut self, revision: u64, operation: Operation) {
+        let role = self.status.borrow().role;
+        match operation {
+            Operation::FetchKubeconfig => match ops::kubeconfig(self.executor.host(), role) {
+                Ok(content) => {
+                    info!("revision {revision}: sending the admin kubeconfig");
+                    self.send(K3sEvent::Kubeconfig { revision, content });
+                    acknowledge(&self.outbox, revision, Ok("kubeconfig sent".into()));
+                }
+                Err(e) => acknowledge(&self.outbox, revision, Err(e)),
+            },
+            Operation::Kubectl(command) => {
+                let host = self.executor.host().clone();
+                let outbox = self.outbox.clone();
+                self.running.spawn(async move {
+                    let result = ops::kubectl(&host, role, &command).await;
+                    acknowledge(&outbox, revision, result);
+                });
+            }
+            Operation::Uninstall => {
+                info!("revision {revision}: uninstalling K3s");
+                let result = ops::uninstall(&self.executor).await;
+                if result.is_ok() {
+                    self.status.send_replace(K3sStatus::default());
+                } else {
+                    self.publish_checkpoint();
+                }
+                acknowledge(&self.outbox, revision, result);
             }
         }
     }
@@ -567,6 +634,31 @@ impl<H: Host> Task<H> {
     }
 }
 
+/// Queues the acknowledgement of an operation (rule 7).
+fn acknowledge(
+    outbox: &mpsc::UnboundedSender<K3sEvent>,
+    revision: u64,
+    result: Result<String, OperationError>,
+) {
+    let (ok, message) = match result {
+        Ok(message) => {
+            info!("revision {revision} done: {message}");
+            (true, message)
+        }
+        Err(e) => {
+            let message = crate::chain(&e);
+            warn!("revision {revision} failed: {message}");
+            (false, message)
+        }
+    };
+    // The handle is gone only at shutdown, when nobody listens any more.
+    let _ = outbox.send(K3sEvent::Applied {
+        revision,
+        ok,
+        message,
+    });
+}
+
 /// Queues progress, tracks the current step, and stops a plan when a newer one waits.
 struct TaskReporter {
     outbox: mpsc::UnboundedSender<K3sEvent>,
@@ -641,6 +733,7 @@ mod tests {
                     ok,
                     message,
                 } => return (phases, (revision, ok, message)),
+                K3sEvent::Kubeconfig { .. } => panic!("no kubeconfig was asked for"),
             }
         }
     }
@@ -738,7 +831,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 K3sEvent::Applied { revision, ok, .. } => Some((*revision, *ok)),
-                K3sEvent::Phase(_) => None,
+                K3sEvent::Phase(_) | K3sEvent::Kubeconfig { .. } => None,
             })
             .collect()
     }
@@ -899,6 +992,94 @@ mod tests {
             .wait_for(|s| s.server_view.is_none())
             .await
             .unwrap();
+        handle.shutdown().await;
+    }
+
+    async fn next(handle: &mut K3sHandle) -> K3sEvent {
+        tokio::time::timeout(Duration::from_secs(600), handle.next_event())
+            .await
+            .expect("an event")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operations_are_acknowledged_and_an_uninstall_leaves_no_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = FakeHost::default();
+        let mut handle = handle_on(dir.path(), host.clone());
+        handle.submit(submission(4, "10.0.0.1"));
+        let (_, (_, ok, message)) = until_applied(&mut handle).await;
+        assert!(ok, "{message}");
+        host.put(crate::k3s::view::KUBECONFIG_PATH, b"admin kubeconfig\n");
+        host.add_cluster_node("wk-1");
+
+        // The kubeconfig comes just before its acknowledgement.
+        assert!(handle.operate(5, Operation::FetchKubeconfig));
+        match next(&mut handle).await {
+            K3sEvent::Kubeconfig { revision, content } => {
+                assert_eq!((revision, content.expose()), (5, "admin kubeconfig\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            next(&mut handle).await,
+            K3sEvent::Applied {
+                revision: 5,
+                ok: true,
+                ..
+            }
+        ));
+
+        let drain = crate::k3s::KubectlCommand::new(
+            crate::k3s::KubectlAction::Drain,
+            "wk-1",
+            Duration::ZERO,
+        )
+        .unwrap();
+        handle.operate(6, Operation::Kubectl(drain));
+        let event = next(&mut handle).await;
+        assert!(
+            matches!(
+                &event,
+                K3sEvent::Applied {
+                    revision: 6,
+                    ok: true,
+                    ..
+                }
+            ),
+            "{event:?}"
+        );
+        assert_eq!(host.cluster_nodes().get("wk-1"), Some(&true));
+
+        handle.operate(7, Operation::Uninstall);
+        let event = next(&mut handle).await;
+        assert!(
+            matches!(
+                &event,
+                K3sEvent::Applied {
+                    revision: 7,
+                    ok: true,
+                    ..
+                }
+            ),
+            "{event:?}"
+        );
+        let status = handle.status();
+        assert_eq!(status.role, None);
+        assert_eq!(status.detail(), "agent running; no role assigned");
+
+        // Without a role: no kubeconfig, and a clear reason.
+        handle.operate(8, Operation::FetchKubeconfig);
+        match next(&mut handle).await {
+            K3sEvent::Applied {
+                revision,
+                ok,
+                message,
+            } => {
+                assert_eq!((revision, ok), (8, false));
+                assert_eq!(message, "this node has no K3s role");
+            }
+            other => panic!("{other:?}"),
+        }
         handle.shutdown().await;
     }
 

@@ -5,6 +5,7 @@ mod client;
 mod demo;
 mod destroy;
 mod init;
+mod kubeconfig;
 mod node;
 mod output;
 mod render;
@@ -82,6 +83,8 @@ pub enum Command {
     Destroy(destroy::Args),
     /// Write a node's NoCloud seed files and ISO to a directory.
     Render(render::Args),
+    /// Fetch the cluster's admin kubeconfig through a server's agent.
+    Kubeconfig(kubeconfig::Args),
     /// A coordinator and three agents on loopback: watch them enroll and connect.
     Demo(demo::Args),
 }
@@ -109,6 +112,7 @@ impl Cli {
             Command::Apply(args) => apply::run(&ctx, args).await,
             Command::Destroy(args) => destroy::run(&ctx, args).await,
             Command::Render(args) => render::run(&ctx, args).await,
+            Command::Kubeconfig(args) => kubeconfig::run(&ctx, args).await,
             Command::Demo(args) => demo::run(&ctx, args).await,
         }
     }

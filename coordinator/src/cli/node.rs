@@ -20,6 +20,16 @@ pub enum Command {
         /// The node to renew.
         node: String,
     },
+    /// Take NODE out of the cluster: drain it through another server, uninstall K3s on it,
+    /// delete its Node object, and drop it from the desired cluster. Remove it from the spec
+    /// too, or the next `homelab apply` brings it back.
+    Remove {
+        /// The node to remove.
+        node: String,
+        /// Remove a server even if the remaining servers would lose etcd quorum.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -33,6 +43,38 @@ struct Revoked {
 pub(super) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Revoke { node } => revoke(ctx, node).await,
+        Command::Remove { node, force } => {
+            let response = client::admin_client(ctx)
+                .await?
+                .remove_node(homelab_proto::v1::RemoveNodeRequest {
+                    name: node.clone(),
+                    force,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            match ctx.output {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "node": node,
+                    "drained": response.drained,
+                    "uninstalled": response.uninstalled,
+                    "node_deleted": response.node_deleted,
+                    "warnings": response.warnings,
+                }))?,
+                OutputFormat::Table => {
+                    println!(
+                        "Removed {node}: drained {}, K3s uninstalled {}, Node object deleted {}.",
+                        yes_no(response.drained),
+                        yes_no(response.uninstalled),
+                        yes_no(response.node_deleted)
+                    );
+                    for warning in &response.warnings {
+                        println!("  warning: {warning}");
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Renew { node } => {
             let mut admin = client::admin_client(ctx).await?;
             let revision = admin
@@ -109,4 +151,8 @@ async fn revoke(ctx: &Context, node: String) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "yes" } else { "no" }
 }

@@ -3,12 +3,27 @@
 use std::sync::Arc;
 
 use homelab_proto::v1::{
-    ReconcileRequest, ReconcileResponse, RequestRenewalRequest, RequestRenewalResponse,
+    GetKubeconfigRequest, GetKubeconfigResponse, ReconcileRequest, ReconcileResponse,
+    RemoveNodeRequest, RemoveNodeResponse, RequestRenewalRequest, RequestRenewalResponse,
     RevokeNodeRequest, RevokeNodeResponse, admin_server::Admin,
 };
 use tonic::{Request, Response, Status};
 
-use crate::core::{Coordinator, Directive, PushOutcome};
+use crate::{
+    core::{Coordinator, Directive, PushOutcome},
+    nodeops::NodeOpError,
+};
+
+fn node_op_status(e: NodeOpError) -> Status {
+    let message = crate::error_chain(&e);
+    match e {
+        NodeOpError::UnknownNode(_) => Status::not_found(message),
+        NodeOpError::NoServer | NodeOpError::Request(_) => Status::unavailable(message),
+        NodeOpError::Quorum { .. } => Status::failed_precondition(message),
+        NodeOpError::Refused { .. } => Status::failed_precondition(message),
+        NodeOpError::Store(e) => Status::from(e),
+    }
+}
 
 pub(super) struct AdminService {
     core: Arc<Coordinator>,
@@ -31,6 +46,32 @@ impl Admin for AdminService {
         Ok(Response::new(RevokeNodeResponse {
             certificates_revoked,
             stream_cut,
+        }))
+    }
+
+    async fn get_kubeconfig(
+        &self,
+        _request: Request<GetKubeconfigRequest>,
+    ) -> Result<Response<GetKubeconfigResponse>, Status> {
+        let (content, server) = self.core.kubeconfig().await.map_err(node_op_status)?;
+        Ok(Response::new(GetKubeconfigResponse { content, server }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let request = request.into_inner();
+        let removal = self
+            .core
+            .remove_node(&request.name, request.force)
+            .await
+            .map_err(node_op_status)?;
+        Ok(Response::new(RemoveNodeResponse {
+            drained: removal.drained,
+            uninstalled: removal.uninstalled,
+            node_deleted: removal.node_deleted,
+            warnings: removal.warnings,
         }))
     }
 

@@ -17,7 +17,9 @@ use super::{
     convert::{facts_from_pb, health_from_pb, phase_from_pb},
 };
 use crate::{
-    core::{CloseReason, Coordinator, Directive, Outbound, Session, now_unix},
+    core::{
+        CloseReason, Coordinator, Directive, KubectlAction, Outbound, Reply, Session, now_unix,
+    },
     error_chain,
     pki::NodeName,
 };
@@ -211,7 +213,22 @@ fn handle_upstream(
                 })
             })
             .map_err(Status::from),
+        Some(Up::Kubeconfig(reply)) => {
+            // Admin credentials: handed to the waiting operator call, never logged.
+            if !core.answer(node, reply.revision, Reply::Kubeconfig(reply.content)) {
+                debug!(node = %node, revision = reply.revision, "kubeconfig nobody waits for");
+            }
+            Ok(None)
+        }
         Some(Up::Ack(ack)) => {
+            core.answer(
+                node,
+                ack.revision,
+                Reply::Ack {
+                    ok: ack.ok,
+                    message: ack.message.clone(),
+                },
+            );
             let outcome = if ack.ok { "applied" } else { "failed" };
             core.event(
                 node.as_str(),
@@ -240,6 +257,22 @@ fn outbound_to_pb(out: Outbound) -> CoordinatorMessage {
                 Directive::Decommission { reason } => {
                     pb::directive::Kind::Decommission(pb::Decommission { reason })
                 }
+                Directive::FetchKubeconfig => {
+                    pb::directive::Kind::FetchKubeconfig(pb::FetchKubeconfig {})
+                }
+                Directive::Kubectl {
+                    action,
+                    node,
+                    timeout_seconds,
+                } => pb::directive::Kind::Kubectl(pb::Kubectl {
+                    action: match action {
+                        KubectlAction::Drain => pb::kubectl::Action::Drain,
+                        KubectlAction::DeleteNode => pb::kubectl::Action::DeleteNode,
+                    } as i32,
+                    node,
+                    timeout_seconds,
+                }),
+                Directive::Uninstall => pb::directive::Kind::Uninstall(pb::Uninstall {}),
             };
             Down::Directive(pb::Directive {
                 revision,

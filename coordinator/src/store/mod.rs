@@ -537,6 +537,15 @@ impl Store {
         Ok(rows)
     }
 
+    /// Drops a node from the desired cluster and forgets its assignment.
+    pub fn remove_desired_node(&mut self, node: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM desired_nodes WHERE name = ?1", [node])?;
+        tx.execute("DELETE FROM assignments WHERE node = ?1", [node])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records what a node was last assigned.
     pub fn record_assignment(
         &mut self,

@@ -17,12 +17,19 @@
 #   K3S_*, CONTAINERD_*, proxies: copied into <unit>.service.env (0600), as the real script
 #                             does; the agent must pass none
 # Writes ${BIN_DIR}/k3s (the fake k3s below), kubectl/crictl/ctr links, k3s-killall.sh,
-# k3s-uninstall.sh or k3s-agent-uninstall.sh, ${SYSTEMD_DIR}/<unit>.service and
+# k3s-uninstall.sh or k3s-agent-uninstall.sh (below), ${SYSTEMD_DIR}/<unit>.service and
 # <unit>.service.env, then runs `systemctl enable <unit file>` and `systemctl daemon-reload`
 # through PATH, like the real script.
 #
 # Every invocation is appended to fake-install.log next to this script: its arguments and
 # its whole environment, so a test can prove that no token reached it.
+#
+# The uninstall script, like the real one (k3s.md section 1.3), runs k3s-killall.sh, stops and
+# disables the unit through systemctl in PATH, removes the unit, its env file, the binary and
+# its links, the killall script and itself, and, unless another k3s*.service remains,
+# <root>/etc/rancher/k3s, <root>/var/lib/rancher/k3s and <root>/var/lib/kubelet. It leaves
+# <root>/etc/rancher/node. It appends "uninstall <unit>" and its environment (lines
+# "uninstall-env NAME=VALUE") to fake-install.log, and refuses to run without a <root>.
 #
 # The fake k3s (POSIX sh) stands in for a server's k3s binary and its API server:
 #   k3s --version                      prints the installed version
@@ -31,8 +38,15 @@
 #                                      systemctl in tests); else fails like a refused connection
 #   k3s kubectl get nodes -o json      prints a List of Nodes built from <cluster>/nodes/*
 #                                      (see fake-systemctl), under the same condition
+#   k3s kubectl drain NODE [--ignore-daemonsets] [--delete-emptydir-data] [--timeout=Ns]
+#                                      cordons NODE (<cluster>/cordoned/NODE; get nodes then
+#                                      shows spec.unschedulable) and prints what kubectl prints;
+#                                      exit 1 with NotFound when <cluster>/nodes/NODE is absent
+#   k3s kubectl delete node NODE [--ignore-not-found]
+#                                      removes <cluster>/nodes/NODE (and its cordon); an
+#                                      unknown NODE is NotFound (exit 1) unless --ignore-not-found
 #   kubectl ...                        the same, through the kubectl link
-# Both kubectl calls need KUBECONFIG to name an existing file (the agent maps
+# Every kubectl call needs KUBECONFIG to name an existing file (the agent maps
 # /etc/rancher/k3s/k3s.yaml under its root; the fake systemctl writes it), as the real
 # k3s kubectl would fail without its admin kubeconfig.
 # The fake cluster is shared by every root that names it:
@@ -148,11 +162,57 @@ node_list() {
         read -r status reason <"$file" || true
         printf '%s{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","labels":{"kubernetes.io/hostname":"%s"}},' \
             "$sep" "$name" "$name"
+        if [ -e "$(cluster_dir)/cordoned/$name" ]; then
+            printf '"spec":{"unschedulable":true},'
+        fi
         printf '"status":{"conditions":[{"type":"Ready","status":"%s","reason":"%s"}]}}' \
             "${status:-Unknown}" "${reason:-}"
         sep=","
     done
     printf ']}\n'
+}
+
+not_found() {
+    echo "Error from server (NotFound): nodes \"$1\" not found" >&2
+    exit 1
+}
+
+drain() {
+    name=${1:-}
+    [ -n "$name" ] || { echo "error: USAGE: drain NODE [options]" >&2; exit 1; }
+    shift
+    for arg in "$@"; do
+        case "$arg" in
+            --ignore-daemonsets | --delete-emptydir-data | --force | --timeout=*) ;;
+            *) echo "error: unknown flag: $arg" >&2; exit 1 ;;
+        esac
+    done
+    api_up
+    [ -f "$(cluster_dir)/nodes/$name" ] || not_found "$name"
+    mkdir -p "$(cluster_dir)/cordoned"
+    : >"$(cluster_dir)/cordoned/$name"
+    echo "node/$name cordoned"
+    echo "node/$name drained"
+}
+
+delete_node() {
+    name=${1:-}
+    [ -n "$name" ] || { echo "error: resource(s) were provided, but no name was specified" >&2; exit 1; }
+    shift
+    ignore=false
+    for arg in "$@"; do
+        case "$arg" in
+            --ignore-not-found | --ignore-not-found=true) ignore=true ;;
+            *) echo "error: unknown flag: $arg" >&2; exit 1 ;;
+        esac
+    done
+    api_up
+    if [ -f "$(cluster_dir)/nodes/$name" ]; then
+        rm -f "$(cluster_dir)/nodes/$name" "$(cluster_dir)/cordoned/$name"
+        echo "node \"$name\" deleted"
+    elif [ "$ignore" != true ]; then
+        not_found "$name"
+    fi
 }
 
 kubectl() {
@@ -164,6 +224,14 @@ kubectl() {
         "get nodes -o json" | "get nodes -ojson" | "get nodes --output=json" | "get nodes --output json")
             api_up
             node_list
+            ;;
+        "drain "*)
+            shift
+            drain "$@"
+            ;;
+        "delete node "*)
+            shift 2
+            delete_node "$@"
             ;;
         *)
             echo "fake kubectl: unsupported arguments: $*" >&2
@@ -197,9 +265,27 @@ KILLALL
 chmod 755 "$KILLALL_K3S_SH"
 cat >"$UNINSTALL_K3S_SH" <<UNINSTALL
 #!/bin/sh
-# fake ${SYSTEM_NAME}-uninstall.sh: the real one runs k3s-killall.sh and removes the unit,
-# its env file and the K3s directories, leaving /etc/rancher/node
-echo "fake ${SYSTEM_NAME}-uninstall.sh"
+# fake ${SYSTEM_NAME}-uninstall.sh written by fake-install.sh; its header documents it
+set -eu
+FAKE_ROOT='${FAKE_ROOT}'
+if [ -z "\$FAKE_ROOT" ]; then
+    echo "fake ${SYSTEM_NAME}-uninstall.sh: no fake root; refusing to touch /" >&2
+    exit 1
+fi
+{
+    echo "uninstall ${SYSTEM_NAME}"
+    env | sort | sed 's/^/uninstall-env /'
+} >>'${log}'
+'${KILLALL_K3S_SH}'
+systemctl stop '${SYSTEM_NAME}'
+systemctl disable '${SYSTEM_NAME}'
+rm -f '${FILE_K3S_SERVICE}' '${FILE_K3S_ENV}'
+if ! ls '${SYSTEMD_DIR}'/k3s*.service >/dev/null 2>&1; then
+    rm -rf "\$FAKE_ROOT/etc/rancher/k3s" "\$FAKE_ROOT/var/lib/rancher/k3s" "\$FAKE_ROOT/var/lib/kubelet"
+    rm -f '${BIN_DIR}/k3s' '${BIN_DIR}/kubectl' '${BIN_DIR}/crictl' '${BIN_DIR}/ctr' '${KILLALL_K3S_SH}'
+fi
+rm -f '${UNINSTALL_K3S_SH}'
+echo "fake ${SYSTEM_NAME}-uninstall.sh: done"
 UNINSTALL
 chmod 755 "$UNINSTALL_K3S_SH"
 
