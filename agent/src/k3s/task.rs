@@ -597,7 +597,16 @@ impl<H: Host + Clone + 'static> Task<H> {
             Ok(Some(checkpoint)) => self.status.send_modify(|s| {
                 s.role = Some(checkpoint.plan.role);
                 s.revision = checkpoint.plan.revision;
-                s.version = checkpoint.plan.version_text();
+                // What is installed, not what is being applied: the coordinator orders
+                // upgrades by the version each node actually runs.
+                s.version = checkpoint
+                    .installed
+                    .as_ref()
+                    .map(|i| match &i.version {
+                        Some(version) => version.clone(),
+                        None => format!("channel {}", i.channel),
+                    })
+                    .unwrap_or_default();
                 s.waits_for_cni = checkpoint.plan.waits_for_cni();
                 if checkpoint.last_error.is_some() {
                     s.last_error.clone_from(&checkpoint.last_error);
