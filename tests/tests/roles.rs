@@ -8,7 +8,7 @@ mod common;
 use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use common::{AgentProcess, CoordinatorProcess, wait_for};
-use homelab::orchestrate::{ClusterSettings, DesiredNode};
+use homelab::orchestrate::ClusterSettings;
 
 const NODES: [(&str, homelab::spec::Role, u8); 3] = [
     ("k3s-control", homelab::spec::Role::Server, 100),
@@ -46,62 +46,141 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Records the desired cluster as `homelab apply` would, with the installer as a file on
+/// each node.
+fn desire(coordinator: &CoordinatorProcess, nodes: &[(&str, homelab::spec::Role, u8)]) {
+    let mut store = coordinator.state.open_store().unwrap();
+    store
+        .cluster_secrets(homelab::core::generate_tokens)
+        .unwrap();
+    let mut settings = ClusterSettings::from_spec(&homelab::spec::K3sSpec::default());
+    settings.installer = serde_json::json!({ "file": "/opt/homelab-test/install.sh" });
+    let rows: Vec<(String, String, String)> = nodes
+        .iter()
+        .map(|(name, role, last)| {
+            let role = if *role == homelab::spec::Role::Server {
+                "server"
+            } else {
+                "agent"
+            };
+            (
+                (*name).to_owned(),
+                role.to_owned(),
+                format!("192.168.0.{last}"),
+            )
+        })
+        .collect();
+    store
+        .set_desired_cluster(&rows, &serde_json::to_string(&settings).unwrap())
+        .unwrap();
+}
+
+/// Prepares a node's host root (fake installer, fake cluster) and returns its extra
+/// agent.toml lines and its fake systemctl's state directory.
+fn prepare(
+    coordinator: &CoordinatorProcess,
+    name: &str,
+    cluster: &Path,
+) -> (String, std::path::PathBuf) {
+    let node_dir = coordinator.dir.path().join("agents").join(name);
+    let root = node_dir.join("root");
+    let bin = node_dir.join("bin");
+    copy_executable(
+        &testdata("fake-install.sh"),
+        &root.join("opt/homelab-test/install.sh"),
+    );
+    copy_executable(&testdata("fake-systemctl"), &bin.join("systemctl"));
+    fs::create_dir_all(root.join("etc/fake-k3s")).unwrap();
+    fs::write(
+        root.join("etc/fake-k3s/cluster-dir"),
+        format!("{}\n", cluster.display()),
+    )
+    .unwrap();
+    let extra = format!(
+        "systemctl = {:?}\ncommand_path = \"{}:/usr/bin:/bin\"\nk3s_ready_timeout_seconds = 30\n",
+        bin.join("systemctl"),
+        bin.display()
+    );
+    (extra, bin.join("fake-systemctl.d"))
+}
+
+/// How many times an installer ran on this node.
+fn installer_runs(node_dir: &Path) -> usize {
+    files(node_dir)
+        .iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "fake-install.log"))
+        .map(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| *l == "invocation")
+                .count()
+        })
+        .sum()
+}
+
 #[test]
-fn the_server_comes_first_the_agents_follow_and_all_end_ready() {
+fn an_agent_killed_mid_install_resumes_at_the_step_it_was_in() {
     let mut coordinator = CoordinatorProcess::init(&["--health-interval", "1s"]);
-    // The desired cluster, as `homelab apply` records it; the installer is a file on each node.
-    {
-        let mut store = coordinator.state.open_store().unwrap();
-        store
-            .cluster_secrets(homelab::core::generate_tokens)
-            .unwrap();
-        let mut settings = ClusterSettings::from_spec(&homelab::spec::K3sSpec::default());
-        settings.installer = serde_json::json!({ "file": "/opt/homelab-test/install.sh" });
-        let rows: Vec<(String, String, String)> = NODES
-            .iter()
-            .map(|(name, role, last)| {
-                let node = DesiredNode {
-                    name: (*name).into(),
-                    role: *role,
-                    ip: std::net::Ipv4Addr::new(192, 168, 0, *last),
-                };
-                let role = if node.role == homelab::spec::Role::Server {
-                    "server"
-                } else {
-                    "agent"
-                };
-                (node.name, role.to_owned(), node.ip.to_string())
-            })
-            .collect();
-        store
-            .set_desired_cluster(&rows, &serde_json::to_string(&settings).unwrap())
-            .unwrap();
-    }
+    desire(
+        &coordinator,
+        &[("k3s-control", homelab::spec::Role::Server, 100)],
+    );
     coordinator.start();
     let cluster = coordinator.dir.path().join("fake-cluster");
     fs::create_dir_all(&cluster).unwrap();
+    let (extra, systemctl_state) = prepare(&coordinator, "k3s-control", &cluster);
+    // The unit will not come up: the agent stays in its last step, waiting.
+    fs::create_dir_all(&systemctl_state).unwrap();
+    fs::write(systemctl_state.join("k3s.start-result"), "activating").unwrap();
+    let token = coordinator.token("k3s-control");
+    let mut agent = AgentProcess::start_with(&coordinator, "k3s-control", &token, &extra);
+    wait_for(
+        Duration::from_secs(30),
+        "the agent waiting in its start step",
+        || {
+            let status = coordinator.cli_json(&["status"]);
+            let phase = &status["nodes"][0]["last_phase"];
+            (phase["step"] == "start" && phase["outcome"] == "started").then_some(())
+        },
+    );
+    let config = agent.dir.join("root/etc/rancher/k3s/config.yaml");
+    let config_inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&config).unwrap());
+    assert_eq!(installer_runs(&agent.dir), 1);
 
+    // kill -9 between two steps' worth of work, let the unit come up, restart the agent.
+    agent.kill();
+    fs::write(systemctl_state.join("k3s.start-result"), "active").unwrap();
+    agent.restart();
+    wait_for(
+        Duration::from_secs(30),
+        "the node Ready after the restart",
+        || {
+            let status = coordinator.cli_json(&["status"]);
+            (status["nodes"][0]["ready"] == true
+                && status["nodes"][0]["last_health"]["healthy"] == true)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        installer_runs(&agent.dir),
+        1,
+        "the completed installer step did not run again"
+    );
+    let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&config).unwrap());
+    assert_eq!(inode, config_inode, "config.yaml was not rewritten");
+}
+
+#[test]
+fn the_server_comes_first_the_agents_follow_and_all_end_ready() {
+    let mut coordinator = CoordinatorProcess::init(&["--health-interval", "1s"]);
+    desire(&coordinator, &NODES);
+    coordinator.start();
+    let cluster = coordinator.dir.path().join("fake-cluster");
+    fs::create_dir_all(&cluster).unwrap();
     let mut agents = Vec::new();
     for (name, _, _) in NODES {
-        let node_dir = coordinator.dir.path().join("agents").join(name);
-        let root = node_dir.join("root");
-        let bin = node_dir.join("bin");
-        copy_executable(
-            &testdata("fake-install.sh"),
-            &root.join("opt/homelab-test/install.sh"),
-        );
-        copy_executable(&testdata("fake-systemctl"), &bin.join("systemctl"));
-        fs::create_dir_all(root.join("etc/fake-k3s")).unwrap();
-        fs::write(
-            root.join("etc/fake-k3s/cluster-dir"),
-            format!("{}\n", cluster.display()),
-        )
-        .unwrap();
-        let extra = format!(
-            "systemctl = {:?}\ncommand_path = \"{}:/usr/bin:/bin\"\nk3s_ready_timeout_seconds = 30\n",
-            bin.join("systemctl"),
-            bin.display()
-        );
+        let (extra, _) = prepare(&coordinator, name, &cluster);
         let token = coordinator.token(name);
         agents.push(AgentProcess::start_with(&coordinator, name, &token, &extra));
     }
