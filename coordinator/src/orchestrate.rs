@@ -68,9 +68,18 @@ pub struct ClusterSettings {
 }
 
 impl ClusterSettings {
-    /// The spec's `[k3s]` settings.
-    pub fn from_spec(k3s: &crate::spec::K3sSpec) -> Self {
-        Self {
+    /// The spec's `[k3s]` settings; an `installer_file` is read (relative to `spec_dir`) and
+    /// sent inline.
+    pub fn from_spec(
+        k3s: &crate::spec::K3sSpec,
+        spec_dir: &std::path::Path,
+    ) -> Result<Self, std::io::Error> {
+        let installer = match (&k3s.installer_file, &k3s.installer_url) {
+            (Some(file), _) => json!({ "inline": std::fs::read_to_string(spec_dir.join(file))? }),
+            (None, Some(url)) => json!({ "url": url }),
+            (None, None) => json!({ "url": DEFAULT_INSTALLER_URL }),
+        };
+        Ok(Self {
             version: k3s.version.clone(),
             channel: k3s.channel.clone(),
             server_flags: k3s.server_flags.clone(),
@@ -80,8 +89,8 @@ impl ClusterSettings {
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(Value::Null)))
                 .collect(),
-            installer: json!({ "url": DEFAULT_INSTALLER_URL }),
-        }
+            installer,
+        })
     }
 
     /// The desired cluster of a spec: nodes in spec order.
@@ -603,6 +612,20 @@ mod tests {
                 .all(|c| c.is_ascii_alphanumeric())
         );
         assert_ne!(tokens.server_token, tokens.agent_token);
+    }
+
+    #[test]
+    fn an_installer_file_travels_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("install.sh"), "#!/bin/sh\n").unwrap();
+        let mut k3s = crate::spec::K3sSpec::default();
+        let settings = ClusterSettings::from_spec(&k3s, dir.path()).unwrap();
+        assert_eq!(settings.installer, json!({"url": DEFAULT_INSTALLER_URL}));
+        k3s.installer_file = Some("install.sh".into());
+        let settings = ClusterSettings::from_spec(&k3s, dir.path()).unwrap();
+        assert_eq!(settings.installer, json!({"inline": "#!/bin/sh\n"}));
+        k3s.installer_file = Some("missing.sh".into());
+        assert!(ClusterSettings::from_spec(&k3s, dir.path()).is_err());
     }
 
     #[test]

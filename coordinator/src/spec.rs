@@ -206,6 +206,11 @@ pub struct K3sSpec {
     /// Extra keys for `/etc/rancher/k3s/config.yaml`, for example `flannel-backend = "none"`.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+    /// Where nodes get install.sh: a URL (default `https://get.k3s.io`).
+    pub installer_url: Option<String>,
+    /// Or a copy of install.sh on this workstation, sent to the nodes by the coordinator over
+    /// their links, for homelabs without internet access.
+    pub installer_file: Option<PathBuf>,
 }
 
 impl Default for K3sSpec {
@@ -216,6 +221,8 @@ impl Default for K3sSpec {
             server_flags: default_server_flags(),
             install_revision: 0,
             config: BTreeMap::new(),
+            installer_url: None,
+            installer_file: None,
         }
     }
 }

@@ -53,7 +53,8 @@ fn desire(coordinator: &CoordinatorProcess, nodes: &[(&str, homelab::spec::Role,
     store
         .cluster_secrets(homelab::core::generate_tokens)
         .unwrap();
-    let mut settings = ClusterSettings::from_spec(&homelab::spec::K3sSpec::default());
+    let mut settings =
+        ClusterSettings::from_spec(&homelab::spec::K3sSpec::default(), Path::new(".")).unwrap();
     settings.installer = serde_json::json!({ "file": "/opt/homelab-test/install.sh" });
     let rows: Vec<(String, String, String)> = nodes
         .iter()

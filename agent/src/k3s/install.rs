@@ -634,6 +634,7 @@ impl<H: Host> Executor<H> {
                 .host
                 .read(path)?
                 .ok_or_else(|| K3sInstallError::InstallerMissing { path: path.clone() })?,
+            Installer::Inline(script) => script.as_bytes().to_vec(),
         };
         if bytes.len() > MAX_INSTALLER_BYTES {
             return Err(K3sInstallError::InstallerTooLarge {

@@ -41,8 +41,9 @@
 //!    `v1.31.4+k3s1`, passed as `INSTALL_K3S_VERSION`. When absent, `channel` (default
 //!    `"stable"`) is passed as `INSTALL_K3S_CHANNEL`. Changing `version` upgrades the node;
 //!    the coordinator upgrades servers before agents, one at a time.
-//! 6. `installer` (optional): exactly one of `{"url": "http(s)://…"}` or `{"file": "/abs/path"}`
-//!    (a path on the node). Default `{"url": "https://get.k3s.io"}`.
+//! 6. `installer` (optional): exactly one of `{"url": "http(s)://…"}`, `{"file": "/abs/path"}`
+//!    (a path on the node) or `{"inline": "#!/bin/sh …"}` (the script itself, sent by the
+//!    coordinator, for air-gapped homelabs). Default `{"url": "https://get.k3s.io"}`.
 //! 7. `token` (required): for a server, the server token (short form on the first server, the
 //!    same value on every server); for an agent, the agent token, ideally in the secure
 //!    `K10<ca hash>::…` form so the agent pins the cluster CA.
@@ -165,6 +166,9 @@ pub enum Installer {
     Url(String),
     /// A file already on the node (air-gapped installs).
     File(PathBuf),
+    /// The script itself, sent by the coordinator over the link: nodes without a route to
+    /// the internet need no download to get it.
+    Inline(String),
 }
 
 impl Default for Installer {
@@ -178,6 +182,7 @@ impl fmt::Display for Installer {
         match self {
             Self::Url(url) => f.write_str(url),
             Self::File(path) => write!(f, "{}", path.display()),
+            Self::Inline(script) => write!(f, "the coordinator ({} bytes)", script.len()),
         }
     }
 }
@@ -353,6 +358,10 @@ impl InstallPlan {
                 return invalid(format!("`installer.url` {url:?} is not an http(s) URL"));
             }
             Installer::File(path) if path.is_absolute() => {}
+            Installer::Inline(script) if script.starts_with("#!") => {}
+            Installer::Inline(_) => {
+                return invalid("`installer.inline` is not a script (no #! line)".into());
+            }
             Installer::File(path) => {
                 return invalid(format!(
                     "`installer.file` {} is not an absolute path",
@@ -617,6 +626,20 @@ mod tests {
         assert!(!debug.contains(SERVER_TOKEN), "{debug}");
         assert!(!debug.contains("agentpassword99"), "{debug}");
         assert!(debug.contains("<redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn an_inline_installer_is_a_script_or_refused() {
+        let mut plan = server_json();
+        plan["installer"] = json!({"inline": "#!/bin/sh\necho install\n"});
+        let parsed = parse(&plan).unwrap();
+        assert!(matches!(parsed.spec.installer, Installer::Inline(ref s) if s.starts_with("#!")));
+        assert_eq!(
+            parsed.spec.installer.to_string(),
+            "the coordinator (23 bytes)"
+        );
+        plan["installer"] = json!({"inline": "not a script"});
+        assert!(parse(&plan).is_err());
     }
 
     #[test]

@@ -78,7 +78,19 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 async fn record_desired_cluster(ctx: &Context, spec_path: &std::path::Path) -> anyhow::Result<()> {
     let spec = crate::spec::Spec::from_file(spec_path)?;
     let nodes = ClusterSettings::desired_nodes(&spec);
-    let settings = ClusterSettings::from_spec(&spec.k3s);
+    let spec_dir = spec_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let settings = ClusterSettings::from_spec(&spec.k3s, spec_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "failed to read k3s.installer_file {:?}: {e}",
+            spec.k3s
+                .installer_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+        )
+    })?;
     let rows: Vec<(String, String, String)> = nodes
         .iter()
         .map(|n| {
