@@ -308,15 +308,7 @@ impl CertificateAuthority {
                 found,
             });
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name(node.as_str());
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{URI_NODE_PREFIX}{node}")
-                .try_into()
-                .map_err(|_| PkiError::InvalidSan(node.to_string()))?,
-        )];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut params = node_params(node)?;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.as_ref());
         params.serial_number = Some(serial);
@@ -343,14 +335,7 @@ impl CertificateAuthority {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<KeyedCert, PkiError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name(node.as_str());
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{URI_NODE_PREFIX}{node}")
-                .try_into()
-                .map_err(|_| PkiError::InvalidSan(node.to_string()))?,
-        )];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let mut params = node_params(node)?;
         params.serial_number = Some(random_serial());
         params.not_before = not_before;
         params.not_after = not_after;
@@ -385,6 +370,20 @@ impl CertificateAuthority {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// What every node certificate says: the node as CN and URI SAN, client auth only.
+fn node_params(node: &NodeName) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(node.as_str());
+    params.subject_alt_names = vec![SanType::URI(
+        format!("{URI_NODE_PREFIX}{node}")
+            .try_into()
+            .map_err(|_| PkiError::InvalidSan(node.to_string()))?,
+    )];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
 }
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {
