@@ -1,6 +1,11 @@
 //! `homelab demo`: a coordinator and three real `homelab-agent` processes on loopback. The
-//! agents enroll with one-time tokens, connect over mutual TLS, and the operator watches it
+//! agents enroll with one-time tokens, connect over mutual TLS, receive their K3s roles (the
+//! server first, the agents once it is Ready) and install K3s, and the operator watches it
 //! happen through the same `Status` API that `homelab watch` uses.
+//!
+//! K3s itself cannot run here, so each agent's host root holds a stand-in install.sh and
+//! systemctl (the fakes the tests use, `tests/testdata/k3s/`) that honour the real interfaces
+//! and share one fake cluster. Everything else is the production code path.
 
 use std::{
     collections::BTreeSet,
@@ -18,6 +23,7 @@ use super::{Context, OutputFormat, client, status};
 use crate::{
     core::{Settings, now_unix, now_unix_ms},
     fsutil,
+    orchestrate::ClusterSettings,
     pki::NodeName,
     state_dir::StateDir,
     token::EnrollmentToken,
@@ -27,6 +33,11 @@ use crate::{
 const MARKER: &str = ".homelab-demo";
 /// The first user's node names.
 const NODE_NAMES: &[&str] = &["k3s-control", "k3s-node-1", "k3s-node-2"];
+/// The stand-ins for install.sh and systemctl, placed in each demo node's host root.
+const FAKE_INSTALLER: &str = include_str!("../../../tests/testdata/k3s/fake-install.sh");
+const FAKE_SYSTEMCTL: &str = include_str!("../../../tests/testdata/k3s/fake-systemctl");
+/// Where the fake installer sits on each demo node.
+const INSTALLER_PATH: &str = "/opt/homelab-demo/install.sh";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -39,12 +50,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
 
-    /// Stop once every agent is connected, instead of running until Ctrl-C.
+    /// Stop once every node is Ready, instead of running until Ctrl-C.
     #[arg(long)]
     exit_when_ready: bool,
 
-    /// Give up if the agents are not all connected within this time.
-    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    /// Give up if the nodes are not all Ready within this time.
+    #[arg(long, default_value = "90s", value_parser = super::parse_duration)]
     timeout: Duration,
 }
 
@@ -66,13 +77,38 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     prepare_dir(&dir)?;
     let state = StateDir::new(dir.join("coordinator"));
     state.init(&[], false)?;
+    // The desired cluster, as `homelab apply` records it: one server, two agents.
+    {
+        let mut settings =
+            ClusterSettings::from_spec(&crate::spec::K3sSpec::default(), Path::new("."))?;
+        settings.installer = serde_json::json!({ "file": INSTALLER_PATH });
+        let rows: Vec<(String, String, String)> = NODE_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let role = if i == 0 { "server" } else { "agent" };
+                (
+                    (*name).to_owned(),
+                    role.to_owned(),
+                    format!("127.0.0.{}", 10 + i),
+                )
+            })
+            .collect();
+        let mut store = state.open_store()?;
+        store.cluster_secrets(crate::core::generate_tokens)?;
+        store.set_desired_cluster(&rows, &serde_json::to_string(&settings)?)?;
+    }
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let serve_state = state.clone();
     let server = tokio::spawn(async move {
-        super::serve::serve_state_dir(&serve_state, listener, Settings::default(), async {
+        let settings = Settings {
+            health_interval: Duration::from_secs(2),
+            ..Settings::default()
+        };
+        super::serve::serve_state_dir(&serve_state, listener, settings, async {
             let _ = stop_rx.await;
         })
         .await
@@ -110,15 +146,20 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     say(
         ctx,
         &format!(
-            "Started {} agents; each enrolls with its one-time token, then connects over mTLS.\n",
+            "Started {} agents: each enrolls with its one-time token, connects over mTLS, gets its K3s role and installs it.\n",
             agents.len()
         ),
     );
 
-    let mut connected = BTreeSet::new();
+    // A node is done when it is Ready and has acknowledged its role as applied.
+    let mut ready = BTreeSet::new();
+    let mut applied = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + args.timeout;
     let outcome: anyhow::Result<()> = loop {
-        if connected.len() == NODE_NAMES.len() {
+        if NODE_NAMES
+            .iter()
+            .all(|n| ready.contains(*n) && applied.contains(*n))
+        {
             break Ok(());
         }
         let event = tokio::time::timeout_at(deadline, events.message()).await;
@@ -126,10 +167,10 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             Err(_) => {
                 let missing: Vec<_> = NODE_NAMES
                     .iter()
-                    .filter(|n| !connected.contains(**n))
+                    .filter(|n| !(ready.contains(**n) && applied.contains(**n)))
                     .collect();
                 break Err(anyhow::anyhow!(
-                    "agents {missing:?} did not connect within {:?}; their logs are in {}/agents/NAME/agent.log",
+                    "nodes {missing:?} were not Ready with their role applied within {:?}; their logs are in {}/agents/NAME/agent.log",
                     args.timeout,
                     dir.display()
                 ));
@@ -140,8 +181,15 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             Ok(Ok(None)) => break Err(anyhow::anyhow!("event stream ended")),
             Ok(Ok(Some(event))) => {
                 status::print_event(ctx.output, &event)?;
-                if event.kind == "node.connected" {
-                    connected.insert(event.node.clone());
+                if event.kind == "directive.acknowledged" && event.message.contains(" applied: k3s")
+                {
+                    applied.insert(event.node.clone());
+                }
+                if event.kind == "node.not_ready" {
+                    ready.remove(&event.node);
+                }
+                if event.kind == "node.ready" {
+                    ready.insert(event.node.clone());
                 }
             }
         }
@@ -164,7 +212,7 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             say(
                 ctx,
                 &format!(
-                    "All agents connected. In another terminal:\n  homelab --state-dir {} status\n  homelab --state-dir {} watch\nPress Ctrl-C to stop.",
+                    "All nodes are Ready with their K3s roles. In another terminal:\n  homelab --state-dir {} status\n  homelab --state-dir {} watch\nPress Ctrl-C to stop.",
                     state.root().display(),
                     state.root().display()
                 ),
@@ -254,7 +302,37 @@ fn write_agent_files(
         node_dir.join("state"),
         host_root,
     );
+    // K3s stand-ins: the installer in the host root, systemctl beside the agent, one shared
+    // fake cluster for all nodes.
+    let installer = host_root.join(INSTALLER_PATH.trim_start_matches('/'));
+    write_executable(&installer, FAKE_INSTALLER)?;
+    let bin = node_dir.join("bin");
+    write_executable(&bin.join("systemctl"), FAKE_SYSTEMCTL)?;
+    let cluster = node_dir
+        .parent()
+        .map_or_else(|| node_dir.to_path_buf(), |p| p.join("fake-cluster"));
+    fs::create_dir_all(&cluster)?;
+    fs::create_dir_all(host_root.join("etc/fake-k3s"))?;
+    fs::write(
+        host_root.join("etc/fake-k3s/cluster-dir"),
+        format!("{}\n", cluster.display()),
+    )?;
+    let config = format!(
+        "{config}systemctl = {:?}\ncommand_path = \"{}:/usr/bin:/bin\"\nk3s_ready_timeout_seconds = 60\n",
+        bin.join("systemctl"),
+        bin.display()
+    );
     fs::write(node_dir.join("agent.toml"), config)?;
+    Ok(())
+}
+
+fn write_executable(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(path, contents)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
 
