@@ -7,7 +7,7 @@ mod common;
 
 use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
-use common::{AgentProcess, CoordinatorProcess, wait_for};
+use common::{AgentProcess, CoordinatorProcess, files, prepare_fake_k3s, wait_for};
 use homelab::orchestrate::ClusterSettings;
 
 const NODES: [(&str, homelab::spec::Role, u8); 3] = [
@@ -15,36 +15,6 @@ const NODES: [(&str, homelab::spec::Role, u8); 3] = [
     ("k3s-node-1", homelab::spec::Role::Agent, 101),
     ("k3s-node-2", homelab::spec::Role::Agent, 102),
 ];
-
-fn testdata(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/k3s")
-        .join(name)
-}
-
-fn copy_executable(from: &Path, to: &Path) {
-    fs::create_dir_all(to.parent().unwrap()).unwrap();
-    fs::copy(from, to).unwrap();
-    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let meta = fs::symlink_metadata(&path).unwrap();
-        if meta.is_dir() {
-            out.extend(files(&path));
-        } else if meta.is_file() {
-            out.push(path);
-        }
-    }
-    out
-}
 
 /// Records the desired cluster as `homelab apply` would, with the installer as a file on
 /// each node.
@@ -76,35 +46,6 @@ fn desire(coordinator: &CoordinatorProcess, nodes: &[(&str, homelab::spec::Role,
         .unwrap();
 }
 
-/// Prepares a node's host root (fake installer, fake cluster) and returns its extra
-/// agent.toml lines and its fake systemctl's state directory.
-fn prepare(
-    coordinator: &CoordinatorProcess,
-    name: &str,
-    cluster: &Path,
-) -> (String, std::path::PathBuf) {
-    let node_dir = coordinator.dir.path().join("agents").join(name);
-    let root = node_dir.join("root");
-    let bin = node_dir.join("bin");
-    copy_executable(
-        &testdata("fake-install.sh"),
-        &root.join("opt/homelab-test/install.sh"),
-    );
-    copy_executable(&testdata("fake-systemctl"), &bin.join("systemctl"));
-    fs::create_dir_all(root.join("etc/fake-k3s")).unwrap();
-    fs::write(
-        root.join("etc/fake-k3s/cluster-dir"),
-        format!("{}\n", cluster.display()),
-    )
-    .unwrap();
-    let extra = format!(
-        "systemctl = {:?}\ncommand_path = \"{}:/usr/bin:/bin\"\nk3s_ready_timeout_seconds = 30\n",
-        bin.join("systemctl"),
-        bin.display()
-    );
-    (extra, bin.join("fake-systemctl.d"))
-}
-
 /// How many times an installer ran on this node.
 fn installer_runs(node_dir: &Path) -> usize {
     files(node_dir)
@@ -130,7 +71,7 @@ fn an_agent_killed_mid_install_resumes_at_the_step_it_was_in() {
     coordinator.start();
     let cluster = coordinator.dir.path().join("fake-cluster");
     fs::create_dir_all(&cluster).unwrap();
-    let (extra, systemctl_state) = prepare(&coordinator, "k3s-control", &cluster);
+    let (extra, systemctl_state) = prepare_fake_k3s(&coordinator, "k3s-control", &cluster);
     // The unit will not come up: the agent stays in its last step, waiting.
     fs::create_dir_all(&systemctl_state).unwrap();
     fs::write(systemctl_state.join("k3s.start-result"), "activating").unwrap();
@@ -181,7 +122,7 @@ fn the_server_comes_first_the_agents_follow_and_all_end_ready() {
     fs::create_dir_all(&cluster).unwrap();
     let mut agents = Vec::new();
     for (name, _, _) in NODES {
-        let (extra, _) = prepare(&coordinator, name, &cluster);
+        let (extra, _) = prepare_fake_k3s(&coordinator, name, &cluster);
         let token = coordinator.token(name);
         agents.push(AgentProcess::start_with(&coordinator, name, &token, &extra));
     }

@@ -75,7 +75,10 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 
 /// Records the spec's nodes, roles and K3s settings as the desired cluster (generating the
 /// cluster's K3s tokens the first time), and asks a running daemon to act on it.
-async fn record_desired_cluster(ctx: &Context, spec_path: &std::path::Path) -> anyhow::Result<()> {
+pub(super) async fn record_desired_cluster(
+    ctx: &Context,
+    spec_path: &std::path::Path,
+) -> anyhow::Result<()> {
     let spec = crate::spec::Spec::from_file(spec_path)?;
     let nodes = ClusterSettings::desired_nodes(&spec);
     let spec_dir = spec_path
@@ -164,7 +167,7 @@ pub(super) fn provisioner(
     )?)
 }
 
-fn plan_table(plan: &Plan) -> String {
+pub(super) fn plan_table(plan: &Plan) -> String {
     let rows: Vec<Vec<String>> = plan
         .vms
         .iter()

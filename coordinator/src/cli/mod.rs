@@ -12,6 +12,7 @@ mod render;
 mod serve;
 mod status;
 mod token;
+mod up;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -77,6 +78,9 @@ pub enum Command {
     Nodes,
     /// Follow the event log live.
     Watch(status::WatchArgs),
+    /// One command from the spec to a Ready cluster: init if needed, coordinator, apply,
+    /// roles, progress, kubeconfig.
+    Up(up::Args),
     /// Make Proxmox match the spec: create missing VMs, adopt existing ones, report drift.
     Apply(apply::Args),
     /// Delete the spec's VMs (or the named ones) and their seeds.
@@ -109,6 +113,7 @@ impl Cli {
             Command::Status => status::status(&ctx).await,
             Command::Nodes => status::nodes(&ctx).await,
             Command::Watch(args) => status::watch(&ctx, args).await,
+            Command::Up(args) => up::run(&ctx, args).await,
             Command::Apply(args) => apply::run(&ctx, args).await,
             Command::Destroy(args) => destroy::run(&ctx, args).await,
             Command::Render(args) => render::run(&ctx, args).await,

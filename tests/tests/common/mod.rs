@@ -195,18 +195,37 @@ impl AgentProcess {
         token: &str,
         extra_config: &str,
     ) -> Self {
-        let dir = coordinator.dir.path().join("agents").join(name);
+        Self::start_at(
+            coordinator.dir.path(),
+            &coordinator.url(),
+            &coordinator.state,
+            name,
+            token,
+            extra_config,
+        )
+    }
+
+    /// An agent under `base/agents/NAME` for the coordinator at `url` of `state`.
+    pub fn start_at(
+        base: &Path,
+        url: &str,
+        state: &StateDir,
+        name: &str,
+        token: &str,
+        extra_config: &str,
+    ) -> Self {
+        let dir = base.join("agents").join(name);
         let root = dir.join("root");
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(root.join("etc/hostname"), name).unwrap();
         fs::write(root.join("etc/machine-id"), format!("machine-{name}")).unwrap();
-        fs::copy(coordinator.state.ca_cert(), dir.join("ca.pem")).unwrap();
+        fs::copy(state.ca_cert(), dir.join("ca.pem")).unwrap();
         fs::write(dir.join("token"), token).unwrap();
         fs::write(
             dir.join("agent.toml"),
             format!(
                 "coordinator_url = {:?}\nnode_name = {name:?}\nca_cert = {:?}\ntoken_file = {:?}\nstate_dir = {:?}\nhost_root = {:?}\n{extra_config}",
-                coordinator.url(),
+                url,
                 dir.join("ca.pem"),
                 dir.join("token"),
                 dir.join("state"),
@@ -419,4 +438,74 @@ pub fn key_and_csr(cn: &str) -> (String, String) {
         .push(rcgen::DnType::CommonName, cn);
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     (key.serialize_pem(), csr)
+}
+
+// ---- K3s stand-ins ---------------------------------------------------------------------
+
+pub fn testdata(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/k3s")
+        .join(name)
+}
+
+pub fn copy_executable(from: &Path, to: &Path) {
+    fs::create_dir_all(to.parent().unwrap()).unwrap();
+    fs::copy(from, to).unwrap();
+    fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// Every file under `dir`, recursively.
+pub fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.extend(files(&path));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Prepares a node's host root (fake installer, fake cluster) and returns its extra
+/// agent.toml lines and its fake systemctl's state directory.
+pub fn prepare_fake_k3s(
+    coordinator: &CoordinatorProcess,
+    name: &str,
+    cluster: &Path,
+) -> (String, std::path::PathBuf) {
+    prepare_fake_k3s_at(coordinator.dir.path(), name, cluster)
+}
+
+/// [`prepare_fake_k3s`] for a node under `base/agents/NAME`.
+pub fn prepare_fake_k3s_at(
+    base: &Path,
+    name: &str,
+    cluster: &Path,
+) -> (String, std::path::PathBuf) {
+    let node_dir = base.join("agents").join(name);
+    let root = node_dir.join("root");
+    let bin = node_dir.join("bin");
+    copy_executable(
+        &testdata("fake-install.sh"),
+        &root.join("opt/homelab-test/install.sh"),
+    );
+    copy_executable(&testdata("fake-systemctl"), &bin.join("systemctl"));
+    fs::create_dir_all(root.join("etc/fake-k3s")).unwrap();
+    fs::write(
+        root.join("etc/fake-k3s/cluster-dir"),
+        format!("{}\n", cluster.display()),
+    )
+    .unwrap();
+    let extra = format!(
+        "systemctl = {:?}\ncommand_path = \"{}:/usr/bin:/bin\"\nk3s_ready_timeout_seconds = 30\n",
+        bin.join("systemctl"),
+        bin.display()
+    );
+    (extra, bin.join("fake-systemctl.d"))
 }
