@@ -20,7 +20,7 @@ use std::{
 
 use serde::Serialize;
 use tokio::sync::Semaphore;
-use tracing::info;
+use tracing::debug;
 
 use crate::{
     core::{now_unix, now_unix_ms},
@@ -311,7 +311,8 @@ impl Provisioner {
     }
 
     fn say(&self, vm: &str, step: &'static str, message: String) {
-        info!(vm, step, "{message}");
+        // The progress callback shows it to the operator; the log keeps it at debug level.
+        debug!(vm, step, "{message}");
         (self.progress)(Progress {
             vm: vm.to_owned(),
             step,

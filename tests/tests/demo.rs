@@ -65,6 +65,13 @@ fn the_demo_brings_three_nodes_to_ready_with_their_roles() {
             .any(|e| e["node"] == node && e["kind"] == kind)
     };
     for node in ["k3s-control", "k3s-node-1", "k3s-node-2"] {
+        // Its VM was provisioned on the simulator (the seed's token), then it came up.
+        let seeded = events.iter().any(|e| {
+            e["node"] == node
+                && e["kind"] == "token.created"
+                && e["message"].as_str().is_some_and(|m| m.contains("seed"))
+        });
+        assert!(seeded, "{node} provisioned on the simulator");
         assert!(has(node, "node.enrolled"), "{node} enrolled");
         assert!(has(node, "node.assigned"), "{node} assigned");
         assert!(has(node, "node.ready"), "{node} Ready");

@@ -50,6 +50,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
 
+    /// The Proxmox VE simulator binary (`pve-sim`). Default: the one beside this `homelab`;
+    /// without it the demo skips the Proxmox part.
+    #[arg(long, value_name = "PATH")]
+    sim_bin: Option<PathBuf>,
+
     /// Stop once every node is Ready, instead of running until Ctrl-C.
     #[arg(long)]
     exit_when_ready: bool,
@@ -137,6 +142,25 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
 
+    // The Proxmox part, against the simulator: clone, seed, configure and start three VMs.
+    let sim_bin = match args.sim_bin {
+        Some(bin) => bin,
+        None => std::env::current_exe()?.with_file_name("pve-sim"),
+    };
+    let _sim = if sim_bin.is_file() {
+        Some(provision_on_simulator(ctx, &dir, &state, &sim_bin, &address.to_string()).await?)
+    } else {
+        say(
+            ctx,
+            &format!(
+                "No Proxmox simulator at {}: skipping the VM part.",
+                sim_bin.display()
+            ),
+        );
+        None
+    };
+
+    // The simulator boots nothing: local agent processes stand in for the VMs.
     let mut agents = Vec::new();
     for name in NODE_NAMES {
         let node_dir = dir.join("agents").join(name);
@@ -235,6 +259,98 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     server.await.context("coordinator task panicked")??;
     outcome
+}
+
+/// Starts `pve-sim`, writes a spec for it, and applies it: the same plan and apply as
+/// `homelab apply`. Returns the simulator process, which stops when dropped.
+async fn provision_on_simulator(
+    ctx: &Context,
+    dir: &Path,
+    state: &StateDir,
+    sim_bin: &Path,
+    coordinator: &str,
+) -> anyhow::Result<Child> {
+    use tokio::io::AsyncBufReadExt;
+    let ca = dir.join("pve-root-ca.pem");
+    let mut sim = tokio::process::Command::new(sim_bin)
+        .args([
+            "--clone-delay",
+            "1s",
+            "--start-delay",
+            "500ms",
+            "--upload-delay",
+            "300ms",
+            "--ca-out",
+        ])
+        .arg(&ca)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("failed to start {}", sim_bin.display()))?;
+    let stdout = sim.stdout.take().context("simulator stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("the simulator did not start within 10 s")??
+        .context("the simulator exited")?;
+    let info: serde_json::Value = serde_json::from_str(&line)?;
+    let field = |name: &str| {
+        info[name]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("simulator did not report {name}"))
+    };
+    fs::write(dir.join("pve-token"), field("token_secret")?)?;
+    // A placeholder key: nobody logs in to the simulated VMs.
+    fs::write(
+        dir.join("id_ed25519.pub"),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4x9kQzCxT5Tn2Z2b6T7hR2JwJxWQm0c1lq0f1p2r3s demo@homelab\n",
+    )?;
+    // The simulated VMs do not boot, so the seed carries a small stand-in for the agent.
+    fs::write(
+        dir.join("seed-agent"),
+        b"homelab demo: the simulated VMs do not run this\n",
+    )?;
+    let spec = crate::spec::EXAMPLE
+        .replace("https://192.168.0.250:8006", &field("endpoint")?)
+        .replace("homelab@pve!coordinator", &field("token_id")?)
+        .replace(
+            "token_secret_env = \"HOMELAB_PROXMOX_TOKEN\"",
+            "token_secret_file = \"pve-token\"",
+        )
+        .replace("~/.ssh/id_ed25519.pub", "id_ed25519.pub")
+        .replace(
+            "https://192.168.0.10:7443",
+            &format!("https://{coordinator}"),
+        );
+    let spec_path = dir.join("homelab.toml");
+    fs::write(&spec_path, spec)?;
+    say(
+        ctx,
+        &format!(
+            "Proxmox simulator at {}; applying {}:",
+            field("endpoint")?,
+            spec_path.display()
+        ),
+    );
+    let demo_ctx = Context {
+        state: state.clone(),
+        coordinator: None,
+        output: ctx.output,
+    };
+    let provisioner = std::sync::Arc::new(super::apply::provisioner(
+        &demo_ctx,
+        &spec_path,
+        Some(dir.join("seed-agent")),
+    )?);
+    let plan = provisioner.plan().await?;
+    provisioner.apply(&plan).await?;
+    say(ctx, "Three VMs created, seeded and started.\n");
+    // Keep the simulator running for the rest of the demo.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(sim)
 }
 
 fn say(ctx: &Context, text: &str) {
