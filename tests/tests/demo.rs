@@ -5,15 +5,14 @@
 mod common;
 
 use std::{
-    io::Read,
     path::Path,
-    process::{Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
-/// Runs `homelab demo` into `dir`, killing it if it outlives 90 s: (status, stdout).
-fn demo(dir: &Path) -> (ExitStatus, String) {
-    let mut child = Command::new(common::bin("homelab"))
+/// Runs `homelab demo` into `dir`, killing it if it outlives 90 s: (success, stdout).
+fn demo(dir: &Path) -> (bool, String) {
+    let child = Command::new(common::bin("homelab"))
         .args([
             "demo",
             "--exit-when-ready",
@@ -26,27 +25,11 @@ fn demo(dir: &Path) -> (ExitStatus, String) {
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the demo did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (status, reader.join().unwrap())
+    let (ok, stdout, _) = common::finish_child(child, Duration::from_secs(90));
+    (ok, stdout)
 }
 
 #[test]
@@ -54,7 +37,7 @@ fn the_demo_brings_three_nodes_to_ready_with_their_roles() {
     let dir = tempfile::tempdir().unwrap();
     let demo_dir = dir.path().join("demo");
     let (status, stdout) = demo(&demo_dir);
-    assert!(status.success(), "the demo failed");
+    assert!(status, "the demo failed");
     let events: Vec<serde_json::Value> = stdout
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -78,5 +61,5 @@ fn the_demo_brings_three_nodes_to_ready_with_their_roles() {
     }
     // Running it again wipes its own directory and starts over.
     let (again, _) = demo(&demo_dir);
-    assert!(again.success());
+    assert!(again);
 }

@@ -6,13 +6,12 @@
 mod common;
 
 use std::{
-    io::Read,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{AgentProcess, bin, prepare_fake_k3s_at, wait_for};
+use common::{AgentProcess, bin, finish_child, prepare_fake_k3s_at, wait_for};
 use homelab::{spec::EXAMPLE, state_dir::StateDir};
 use pve_sim::SimConfig;
 
@@ -87,38 +86,6 @@ fn up(s: &Setup, timeout: &str) -> Child {
         .unwrap()
 }
 
-/// Waits (bounded) for `child` to exit: (success, stdout, stderr).
-fn finish(mut child: Child, limit: Duration) -> (bool, String, String) {
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("homelab up did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (
-        status.success(),
-        out_reader.join().unwrap(),
-        err_reader.join().unwrap(),
-    )
-}
-
 fn vms(sim: &pve_sim::Simulator) -> usize {
     sim.vms().iter().filter(|v| !v.template).count()
 }
@@ -131,7 +98,7 @@ async fn up_names_what_each_node_waits_for_then_finishes_when_nodes_call_home() 
     // 1. Nothing boots: up creates the VMs, then times out naming each node's wait.
     let (ok, _, stderr) = tokio::task::spawn_blocking({
         let child = up(&s, "3s");
-        move || finish(child, Duration::from_secs(60))
+        move || finish_child(child, Duration::from_secs(60))
     })
     .await
     .unwrap();
@@ -176,7 +143,7 @@ async fn up_names_what_each_node_waits_for_then_finishes_when_nodes_call_home() 
         ));
     }
     let (ok, stdout, stderr) =
-        tokio::task::spawn_blocking(move || finish(child, Duration::from_secs(90)))
+        tokio::task::spawn_blocking(move || finish_child(child, Duration::from_secs(90)))
             .await
             .unwrap();
     assert!(ok, "up failed:\n{stdout}\n{stderr}");

@@ -509,3 +509,37 @@ pub fn prepare_fake_k3s_at(
     );
     (extra, bin.join("fake-systemctl.d"))
 }
+
+// ---- child processes -------------------------------------------------------------------
+
+/// Waits (bounded) for `child` to exit: (success, stdout, stderr).
+pub fn finish_child(mut child: Child, limit: Duration) -> (bool, String, String) {
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        status.success(),
+        out_reader.join().unwrap(),
+        err_reader.join().unwrap(),
+    )
+}
