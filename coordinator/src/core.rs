@@ -796,7 +796,12 @@ impl Coordinator {
             let mut observed = HashMap::new();
             for node in &desired {
                 let record = store.node(&node.name)?;
-                let ready = record.as_ref().is_some_and(|n| n.k3s_ready);
+                // Servers count once their API serves (rule 3 of orchestrate needs a server to
+                // join, not a CNI); other nodes when a server sees them Ready.
+                let ready = record.as_ref().is_some_and(|n| match node.role {
+                    Role::Server => n.serves_api(),
+                    Role::Agent => n.k3s_ready,
+                });
                 // The version the node runs, from its last K3s health report.
                 let version = record
                     .and_then(|n| n.last_health)

@@ -76,7 +76,13 @@ impl Coordinator {
             .desired_nodes()?
             .into_iter()
             .map(|(name, role, ip)| {
-                let ready = store.node(&name)?.is_some_and(|n| n.k3s_ready);
+                let ready = store.node(&name)?.is_some_and(|n| {
+                    if role == "server" {
+                        n.serves_api()
+                    } else {
+                        n.k3s_ready
+                    }
+                });
                 Ok(Member {
                     connected: connected.contains(&name),
                     ready,

@@ -551,3 +551,49 @@ async fn removing_an_agent_drains_uninstalls_and_deletes_it() {
     assert!(kinds.contains(&"node.removed".to_owned()), "{kinds:?}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn without_a_cni_agents_join_a_server_whose_api_serves() {
+    // flannel-backend: none (for Cilium): every Node stays NotReady until a CNI is installed
+    // through the API, so joins wait for the API, not for Node Ready.
+    let c = InProcess::start(Settings::default()).await;
+    c.core
+        .set_desired_cluster(
+            &desired(&[("s1", Role::Server, 11), ("a1", Role::Agent, 21)]),
+            &settings(),
+        )
+        .unwrap();
+    let mut s1 = Agent::join(&c, "s1", "m-s1").await.unwrap();
+    let mut a1 = Agent::join(&c, "a1", "m-a1").await.unwrap();
+    s1.assignment().await;
+    s1.send(Up::Health(pb::HealthReport {
+        healthy: true,
+        detail: "k3s active; waiting for CNI".into(),
+        k3s: Some(pb::K3sHealth {
+            role: "server".into(),
+            unit: "k3s".into(),
+            unit_state: "active".into(),
+            version: "v1.31.4+k3s1".into(),
+            applied_revision: 1,
+            api_ready: true,
+            cluster_ca_sha256: CA.into(),
+            nodes: vec![pb::NodeCondition {
+                name: "s1".into(),
+                ready: false,
+                reason: "KubeletNotReady".into(),
+            }],
+        }),
+        ..Default::default()
+    }))
+    .await;
+    let (role, _) = a1.assignment().await;
+    assert_eq!(role, "agent");
+    let status = StatusClient::new(c.operator_channel().await)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let s1 = status.nodes.iter().find(|n| n.name == "s1").unwrap();
+    assert!(!s1.ready, "the Node itself is still NotReady: {s1:?}");
+    c.stop().await;
+}

@@ -149,6 +149,21 @@ async fn up_names_what_each_node_waits_for_then_finishes_when_nodes_call_home() 
     assert!(ok, "up failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("The cluster is Ready"), "{stdout}");
     assert_eq!(vms(&sim), 3, "re-running never duplicates a VM");
+    // The seeds held one-time tokens: once the nodes enrolled, up removed them.
+    assert!(
+        !sim.storage_contents()
+            .iter()
+            .any(|v| v.volid.contains("seed-")),
+        "{:?}",
+        sim.storage_contents()
+    );
+    for vm in sim.vms().iter().filter(|v| !v.template) {
+        assert!(
+            !vm.config.values().any(|v| v.contains("seed-")),
+            "{:?}",
+            vm.config
+        );
+    }
     let kubeconfig = s.dir.path().join(".kube/homelab.yaml");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&kubeconfig).unwrap().permissions(),

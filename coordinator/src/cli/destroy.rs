@@ -35,6 +35,13 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
     }
     let destroyed = provisioner.destroy(&args.nodes).await?;
+    // A rebuilt VM starts K3s from scratch: forget what the old one had.
+    {
+        let mut store = ctx.state.open_store()?;
+        for vm in destroyed.iter().filter(|d| d.vmid.is_some()) {
+            store.forget_k3s_node(&vm.name)?;
+        }
+    }
     match ctx.output {
         OutputFormat::Json => print_json(&destroyed)?,
         OutputFormat::Table => {

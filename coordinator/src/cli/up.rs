@@ -5,8 +5,9 @@
 //! 3. Apply the spec on Proxmox (the same plan and apply as `homelab apply`).
 //! 4. Record the desired cluster, so roles are assigned as agents call home.
 //! 5. Follow the event log, printing each node's progress, until every node of the spec is
-//!    Ready, then print a summary and write the kubeconfig. On timeout, name per node what it
-//!    is waiting for, and exit non-zero.
+//!    Ready (or, without a CNI, runs K3s), then remove the seeds of the enrolled nodes, print a
+//!    summary and write the kubeconfig. On timeout, name per node what it is waiting for, and
+//!    exit non-zero.
 //!
 //! Re-running is safe: apply adopts what exists, and nodes already Ready stay as they are.
 
@@ -138,12 +139,29 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
     record_desired_cluster(op_ctx, &args.spec).await?;
 
     let wanted: BTreeSet<String> = spec.vms.iter().map(|v| v.name.get_ref().clone()).collect();
+    // Without a CNI (flannel-backend none, e.g. for Cilium) Nodes stay NotReady until one is
+    // installed: then a node is done once K3s is installed and started on it.
+    let waits_for_cni = spec
+        .k3s
+        .config
+        .get("flannel-backend")
+        .and_then(toml::Value::as_str)
+        == Some("none");
+    let done = |n: &pb::Node| {
+        n.ready
+            || (waits_for_cni
+                && n.last_phase.as_ref().is_some_and(|p| {
+                    p.phase == "install"
+                        && p.step == "start"
+                        && p.outcome == pb::StepOutcome::Succeeded as i32
+                }))
+    };
     let deadline = tokio::time::Instant::now() + args.timeout;
     loop {
         let nodes = list(op_ctx).await?;
         let ready: BTreeSet<String> = nodes
             .iter()
-            .filter(|n| n.ready)
+            .filter(|n| done(n))
             .map(|n| n.name.clone())
             .collect();
         if wanted.iter().all(|n| ready.contains(n)) {
@@ -159,7 +177,7 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
                 let mut reasons = Vec::new();
                 for name in &wanted {
                     let node = nodes.iter().find(|n| &n.name == name);
-                    if node.is_some_and(|n| n.ready) {
+                    if node.is_some_and(done) {
                         continue;
                     }
                     reasons.push(format!("{name}: {}", waiting_for(node)));
@@ -180,6 +198,11 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
         }
     }
 
+    // Every node has enrolled: their seeds, which held their one-time tokens, can go.
+    let cleanup = provisioner.plan().await?;
+    if !cleanup.is_noop() {
+        provisioner.apply(&cleanup).await?;
+    }
     let nodes = list(op_ctx).await?;
     let kubeconfig = match std::env::var_os("HOME") {
         Some(home) => {
@@ -219,12 +242,14 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
         OutputFormat::Table => {
             println!();
             print!("{}", status::nodes_table(&nodes));
+            let what = if waits_for_cni {
+                "K3s runs on every node; Nodes stay NotReady until you install a CNI (flannel-backend is none)."
+            } else {
+                "The cluster is Ready."
+            };
             match kubeconfig {
-                Some(path) => println!(
-                    "\nThe cluster is Ready. KUBECONFIG={} kubectl get nodes",
-                    path.display()
-                ),
-                None => println!("\nThe cluster is Ready."),
+                Some(path) => println!("\n{what} KUBECONFIG={} kubectl get nodes", path.display()),
+                None => println!("\n{what}"),
             }
         }
     }

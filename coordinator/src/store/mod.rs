@@ -137,6 +137,20 @@ pub struct K3sHealthRecord {
     pub nodes: Vec<(String, bool, String)>,
 }
 
+impl NodeRecord {
+    /// Whether the node can serve as a K3s server to join or to ask: its Node is Ready, or
+    /// its unit is active and its API answers. The second case covers `flannel-backend:
+    /// none`, where every Node stays NotReady until a CNI is installed through this very API.
+    pub fn serves_api(&self) -> bool {
+        self.k3s_ready
+            || self
+                .last_health
+                .as_ref()
+                .and_then(|h| h.k3s.as_ref())
+                .is_some_and(|k| k.role == "server" && k.unit_state == "active" && k.api_ready)
+    }
+}
+
 /// One row of `nodes`, with its newest certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -537,6 +551,27 @@ impl Store {
         Ok(rows)
     }
 
+    /// Forgets what K3s state a node had, after its VM was destroyed: not Ready, nothing
+    /// assigned; if it was the first server, its cluster CA is gone too, so joins wait for the
+    /// next first server's hash.
+    pub fn forget_k3s_node(&mut self, node: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE nodes SET k3s_ready = 0 WHERE name = ?1", [node])?;
+        tx.execute("DELETE FROM assignments WHERE node = ?1", [node])?;
+        let first_server: Option<String> = tx
+            .query_row(
+                "SELECT name FROM desired_nodes WHERE role = 'server' ORDER BY position LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if first_server.as_deref() == Some(node) {
+            tx.execute("UPDATE cluster SET ca_hash = NULL WHERE id = 1", [])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Drops a node from the desired cluster and forgets its assignment.
     pub fn remove_desired_node(&mut self, node: &str) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
@@ -866,6 +901,12 @@ mod tests {
         store.record_assignment("b", 3, "d1", "server", 1).unwrap();
         store.record_assignment("b", 4, "d2", "server", 2).unwrap();
         assert_eq!(store.assignment("b").unwrap(), Some((4, "d2".into())));
+        // Destroying the first server's VM forgets its assignment and its cluster CA.
+        store.forget_k3s_node("b").unwrap();
+        assert_eq!(store.assignment("b").unwrap(), None);
+        let after = store.cluster_secrets(|| unreachable!()).unwrap();
+        assert_eq!(after.ca_hash, None);
+        assert_eq!(after.server_token, first.server_token, "the tokens stay");
     }
 
     #[test]
