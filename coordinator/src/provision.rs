@@ -145,6 +145,9 @@ pub enum Action {
         power: Option<PowerChange>,
         /// Its node enrolled: detach and delete the seed.
         remove_seed: bool,
+        /// Its node never enrolled and it carries no seed (an interrupted apply): seed and
+        /// configure it as a creation would.
+        reseed: bool,
     },
     /// A VM of that name exists but is not homelab's.
     Conflict { vmid: u64, reason: String },
@@ -183,6 +186,7 @@ impl Plan {
                 Action::Adopt {
                     power: None,
                     remove_seed: false,
+                    reseed: false,
                     ..
                 }
             )
@@ -406,6 +410,7 @@ impl Provisioner {
                             drift,
                             power,
                             remove_seed: enrolled && seed_attached,
+                            reseed: !enrolled && !seed_attached,
                         }
                     }
                 }
@@ -467,6 +472,7 @@ impl Provisioner {
                     node,
                     power,
                     remove_seed,
+                    reseed,
                     drift,
                     ..
                 } => {
@@ -482,6 +488,22 @@ impl Provisioner {
                     }
                     if *remove_seed {
                         self.remove_seed(&planned.name, node, *vmid).await?;
+                    }
+                    if *reseed {
+                        let vm = self
+                            .spec
+                            .vm(&planned.name)
+                            .ok_or_else(|| ProvisionError::Vm {
+                                name: planned.name.clone(),
+                                message: "not in the spec".into(),
+                            })?;
+                        self.say(
+                            &planned.name,
+                            "seed",
+                            format!("VMID {vmid} never got its seed: seeding it now"),
+                        );
+                        self.seed_and_configure(vm, node, *vmid, &agent_binary)
+                            .await?;
                     }
                     match power {
                         Some(PowerChange::Start) => {
@@ -585,6 +607,29 @@ impl Provisioner {
                 }
             }
         };
+        self.seed_and_configure(vm, node, vmid, agent_binary)
+            .await?;
+        if vm.vm_state == VmState::Running {
+            self.power(name, node, vmid, PowerAction::Start).await?;
+        }
+        self.say(
+            name,
+            "created",
+            format!("VMID {vmid} ready; its agent will enroll and call home"),
+        );
+        Ok(vmid)
+    }
+
+    /// Steps 3–6 of a creation: wait for the clone's lock, seed, configure, grow the disk,
+    /// enable the firewall. Also what re-seeds a VM an interrupted apply left without a seed.
+    async fn seed_and_configure(
+        &self,
+        vm: &VmSpec,
+        node: &str,
+        vmid: u64,
+        agent_binary: &[u8],
+    ) -> Result<(), ProvisionError> {
+        let name = vm.name.get_ref().as_str();
         // 3. The clone's lock must clear before anything touches the VM.
         self.client
             .wait_unlocked(node, vmid, self.timeouts.unlock)
@@ -667,15 +712,7 @@ impl Provisioner {
             }
         }
         self.client.enable_firewall(node, vmid).await?;
-        if vm.vm_state == VmState::Running {
-            self.power(name, node, vmid, PowerAction::Start).await?;
-        }
-        self.say(
-            name,
-            "created",
-            format!("VMID {vmid} ready; its agent will enroll and call home"),
-        );
-        Ok(vmid)
+        Ok(())
     }
 
     /// Renders the seed ISO for `vm`, creating its one-time token.

@@ -398,3 +398,47 @@ async fn the_cli_dry_run_prints_the_plan_and_changes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
     env.sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_apply_interrupted_between_clone_and_seed_is_finished_by_the_next() {
+    let env = Env::start(SimConfig::default()).await;
+    // The first seed upload fails: that VM is cloned but never seeded or configured.
+    env.sim.faults().fail_requests(
+        FaultRule::new(
+            MethodFilter::Post,
+            "/nodes/pve/storage/local/upload",
+            500,
+            "upload failed",
+        )
+        .times(1),
+    );
+    let provisioner = env.provisioner();
+    let plan = provisioner.plan().await.unwrap();
+    assert!(provisioner.apply(&plan).await.is_err());
+
+    let again = env.provisioner();
+    let plan = again.plan().await.unwrap();
+    let reseeded: Vec<_> = plan
+        .vms
+        .iter()
+        .filter(|vm| matches!(vm.action, Action::Adopt { reseed: true, .. }))
+        .map(|vm| vm.name.clone())
+        .collect();
+    assert!(!reseeded.is_empty(), "{plan:?}");
+    again.apply(&plan).await.unwrap();
+    let vms = env.vms();
+    assert_eq!(vms.len(), 3, "no VM duplicated");
+    for vm in &vms {
+        let seed = seed_file(u64::from(vm.vmid));
+        assert!(
+            vm.config.get("ide3").is_some_and(|v| v.contains(&seed)),
+            "{:?}",
+            vm.config
+        );
+        assert_eq!(vm.status, pve_sim::VmStatus::Running, "{:?}", vm.name);
+    }
+    // And now it is all done: nothing left to do.
+    let plan = env.provisioner().plan().await.unwrap();
+    assert!(plan.is_noop(), "{plan:?}");
+    env.sim.shutdown().await;
+}

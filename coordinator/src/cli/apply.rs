@@ -184,6 +184,7 @@ pub(super) fn plan_table(plan: &Plan) -> String {
                 drift,
                 power,
                 remove_seed,
+                reseed,
                 ..
             } => {
                 let mut notes = Vec::new();
@@ -200,6 +201,9 @@ pub(super) fn plan_table(plan: &Plan) -> String {
                 }
                 if *remove_seed {
                     notes.push("remove the seed (node enrolled)".into());
+                }
+                if *reseed {
+                    notes.push("seed and configure (an earlier apply stopped before)".into());
                 }
                 if notes.is_empty() {
                     notes.push("up to date".into());
