@@ -783,11 +783,7 @@ impl Coordinator {
                 .filter_map(|(name, role, ip)| {
                     Some(DesiredNode {
                         name: name.clone(),
-                        role: if role == "server" {
-                            Role::Server
-                        } else {
-                            Role::Agent
-                        },
+                        role: Role::parse(role)?,
                         ip: ip.parse().ok()?,
                     })
                 })
@@ -835,10 +831,7 @@ impl Coordinator {
             if unchanged && !said_hello {
                 continue;
             }
-            let role = match draft.role {
-                Role::Server => "server",
-                Role::Agent => "agent",
-            };
+            let role = draft.role.as_str();
             let outcome = self.push_with(&draft.node, |revision| Directive::Assignment {
                 role: role.to_owned(),
                 plan_json: draft.to_json(revision),
@@ -871,22 +864,7 @@ impl Coordinator {
         nodes: &[DesiredNode],
         settings: &ClusterSettings,
     ) -> Result<(), StoreError> {
-        {
-            let mut store = self.store();
-            store.cluster_secrets(generate_tokens)?;
-            let rows: Vec<(String, String, String)> = nodes
-                .iter()
-                .map(|n| {
-                    let role = match n.role {
-                        Role::Server => "server",
-                        Role::Agent => "agent",
-                    };
-                    (n.name.clone(), role.to_owned(), n.ip.to_string())
-                })
-                .collect();
-            let json = serde_json::to_string(settings).unwrap_or_default();
-            store.set_desired_cluster(&rows, &json)?;
-        }
+        crate::orchestrate::record_desired(&mut self.store(), nodes, settings)?;
         self.orchestrate(None);
         Ok(())
     }

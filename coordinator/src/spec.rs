@@ -245,6 +245,25 @@ pub enum Role {
     Agent,
 }
 
+impl Role {
+    /// The role's name, as K3s and the state database spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// The role named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "server" => Some(Self::Server),
+            "agent" => Some(Self::Agent),
+            _ => None,
+        }
+    }
+}
+
 /// Whether a VM should be running.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

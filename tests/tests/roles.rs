@@ -8,7 +8,7 @@ mod common;
 use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use common::{AgentProcess, CoordinatorProcess, files, prepare_fake_k3s, wait_for};
-use homelab::orchestrate::ClusterSettings;
+use homelab::orchestrate::{ClusterSettings, DesiredNode, record_desired};
 
 const NODES: [(&str, homelab::spec::Role, u8); 3] = [
     ("k3s-control", homelab::spec::Role::Server, 100),
@@ -19,31 +19,19 @@ const NODES: [(&str, homelab::spec::Role, u8); 3] = [
 /// Records the desired cluster as `homelab apply` would, with the installer as a file on
 /// each node.
 fn desire(coordinator: &CoordinatorProcess, nodes: &[(&str, homelab::spec::Role, u8)]) {
-    let mut store = coordinator.state.open_store().unwrap();
-    store
-        .cluster_secrets(homelab::core::generate_tokens)
-        .unwrap();
     let mut settings =
         ClusterSettings::from_spec(&homelab::spec::K3sSpec::default(), Path::new(".")).unwrap();
     settings.installer = serde_json::json!({ "file": "/opt/homelab-test/install.sh" });
-    let rows: Vec<(String, String, String)> = nodes
+    let nodes: Vec<DesiredNode> = nodes
         .iter()
-        .map(|(name, role, last)| {
-            let role = if *role == homelab::spec::Role::Server {
-                "server"
-            } else {
-                "agent"
-            };
-            (
-                (*name).to_owned(),
-                role.to_owned(),
-                format!("192.168.0.{last}"),
-            )
+        .map(|(name, role, last)| DesiredNode {
+            name: (*name).to_owned(),
+            role: *role,
+            ip: std::net::Ipv4Addr::new(192, 168, 0, *last),
         })
         .collect();
-    store
-        .set_desired_cluster(&rows, &serde_json::to_string(&settings).unwrap())
-        .unwrap();
+    let mut store = coordinator.state.open_store().unwrap();
+    record_desired(&mut store, &nodes, &settings).unwrap();
 }
 
 /// How many times an installer ran on this node.

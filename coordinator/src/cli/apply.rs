@@ -94,21 +94,7 @@ pub(super) async fn record_desired_cluster(
                 .unwrap_or(std::path::Path::new(""))
         )
     })?;
-    let rows: Vec<(String, String, String)> = nodes
-        .iter()
-        .map(|n| {
-            let role = match n.role {
-                crate::spec::Role::Server => "server",
-                crate::spec::Role::Agent => "agent",
-            };
-            (n.name.clone(), role.to_owned(), n.ip.to_string())
-        })
-        .collect();
-    {
-        let mut store = ctx.state.open_store()?;
-        store.cluster_secrets(crate::core::generate_tokens)?;
-        store.set_desired_cluster(&rows, &serde_json::to_string(&settings)?)?;
-    }
+    crate::orchestrate::record_desired(&mut ctx.state.open_store()?, &nodes, &settings)?;
     match ctx.state.lock_daemon() {
         // No daemon: it orchestrates from the database when it starts and agents call in.
         Ok(_lock) => {}

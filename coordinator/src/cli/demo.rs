@@ -23,8 +23,9 @@ use super::{Context, OutputFormat, client, status};
 use crate::{
     core::{Settings, now_unix, now_unix_ms},
     fsutil,
-    orchestrate::ClusterSettings,
+    orchestrate::{ClusterSettings, DesiredNode, record_desired},
     pki::NodeName,
+    spec::Role,
     state_dir::StateDir,
     token::EnrollmentToken,
 };
@@ -87,21 +88,20 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let mut settings =
             ClusterSettings::from_spec(&crate::spec::K3sSpec::default(), Path::new("."))?;
         settings.installer = serde_json::json!({ "file": INSTALLER_PATH });
-        let rows: Vec<(String, String, String)> = NODE_NAMES
+        let nodes: Vec<DesiredNode> = NODE_NAMES
             .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let role = if i == 0 { "server" } else { "agent" };
-                (
-                    (*name).to_owned(),
-                    role.to_owned(),
-                    format!("127.0.0.{}", 10 + i),
-                )
+            .zip(10u8..)
+            .map(|(name, last)| DesiredNode {
+                name: (*name).to_owned(),
+                role: if last == 10 {
+                    Role::Server
+                } else {
+                    Role::Agent
+                },
+                ip: std::net::Ipv4Addr::new(127, 0, 0, last),
             })
             .collect();
-        let mut store = state.open_store()?;
-        store.cluster_secrets(crate::core::generate_tokens)?;
-        store.set_desired_cluster(&rows, &serde_json::to_string(&settings)?)?;
+        record_desired(&mut state.open_store()?, &nodes, &settings)?;
     }
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
