@@ -626,7 +626,7 @@ async fn a_unit_that_never_becomes_active_fails_the_start_step_at_its_deadline()
         .unwrap_err();
     assert!(
         matches!(&err, K3sInstallError::NotActive { state, .. } if state == "activating"),
-        "{err}"
+        "{err:?}"
     );
     let failed = reporter.events.last().unwrap();
     assert_eq!(

@@ -318,7 +318,7 @@ async fn run_cleared(command: &HostCommand, path_env: &str) -> Result<CommandOut
         program: command.program.clone(),
         source,
     };
-    let child = process.spawn().map_err(spawn_error)?;
+    let child = spawn_retrying_busy(&mut process).await.map_err(spawn_error)?;
     let output = tokio::time::timeout(command.timeout, child.wait_with_output())
         .await
         .map_err(|_| HostError::Timeout {
@@ -331,6 +331,30 @@ async fn run_cleared(command: &HostCommand, path_env: &str) -> Result<CommandOut
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     })
+}
+
+/// How often a spawn that failed with `ETXTBSY` is retried.
+const BUSY_RETRIES: u32 = 20;
+
+/// Spawns `process`, retrying while the kernel reports the program busy.
+///
+/// A script this process has just written (`install.sh`) can still be open for
+/// writing in a child that another thread forked in between: the descriptor
+/// closes at that child's `exec`, microseconds later. Until then `execve`
+/// fails with `ETXTBSY`, so a short bounded retry is the usual remedy.
+async fn spawn_retrying_busy(
+    process: &mut tokio::process::Command,
+) -> io::Result<tokio::process::Child> {
+    let mut attempt = 0;
+    loop {
+        match process.spawn() {
+            Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && attempt < BUSY_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// `path` (absolute, no `..`) under `root`.
