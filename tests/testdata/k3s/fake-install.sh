@@ -243,10 +243,162 @@ kubectl() {
 case "$(basename "$0")" in
     kubectl) kubectl "$@"; exit ;;
 esac
+# `k3s server` and `k3s agent`, as a real systemd starts them from the unit (the fake
+# systemctl of the sandbox tests never runs ExecStart). Only on a real host: FAKE_K3S_ROOT
+# must be empty. The process becomes a small python3 program (python3 is on every
+# cloud-init image), so READY=1 comes from the unit's main PID, as Type=notify requires.
+run() {
+    [ -z "$FAKE_K3S_ROOT" ] || { echo "fake k3s runs only on a real host, not under $FAKE_K3S_ROOT" >&2; exit 1; }
+    command -v python3 >/dev/null || { echo "fake k3s needs python3" >&2; exit 1; }
+    exec python3 -c "$FAKE_K3S_RUN" "$@"
+}
+
+# The program behind `run`. A server writes its CA, admin kubeconfig and node password once,
+# registers its own Node, and answers on :6443 (plain HTTP, a stand-in for the API server):
+#   GET  /cacerts            the CA bundle, whose SHA-256 is the <hash> of K10<hash>:: tokens
+#   POST /v1-fake/register   body {"name":…, "token":…}: the token's secret part must equal
+#                            the server's agent token; registers the Node (Ready unless
+#                            flannel-backend is none: no CNI yet)
+# An agent reads `server` and `token-file` from config.yaml, fetches /cacerts, refuses a CA
+# whose hash differs from its K10 token's, registers, and retries every second until the
+# server answers, as a real agent keeps retrying its join. Both then send READY=1 and run
+# until stopped.
+FAKE_K3S_RUN='
+import hashlib, json, os, socket, sys, time, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CONFIG = "/etc/rancher/k3s/config.yaml"
+CLUSTER = "/var/lib/fake-k3s/cluster"
+CA = "/var/lib/rancher/k3s/server/tls/server-ca.crt"
+KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
+FAKE_CA = """-----BEGIN CERTIFICATE-----
+MIIBnDCCAUGgAwIBAgIUBZsJ6jkzdhnI19KN3M/fxoOJDlYwCgYIKoZIzj0EAwIw
+IzEhMB8GA1UEAwwYazNzLXNlcnZlci1jYUAxNzAwMDAwMDAwMB4XDTI2MTIwNDIz
+MjQ0N1oXDTM2MTIwMTIzMjQ0N1owIzEhMB8GA1UEAwwYazNzLXNlcnZlci1jYUAx
+NzAwMDAwMDAwMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqHGq4b1oDojAvJy1
+/4mueGOuJHXjLXxbcEwh7lWrZSd+pqsbKWVO10WJeervfcxzlk7DhdwrgxkCra3h
+K74tpaNTMFEwHQYDVR0OBBYEFGw3IB+gW66/hWtubCQpiO8/5B0GMB8GA1UdIwQY
+MBaAFGw3IB+gW66/hWtubCQpiO8/5B0GMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZI
+zj0EAwIDSQAwRgIhALmDLodXxbBYX3k3E6P1QoqYAreaHR/l28uasHCReeiBAiEA
+x4ImELx/ohQeTrF6VNPV8POs003kaOWKvqDY2uXU/Kc=
+-----END CERTIFICATE-----
+"""
+
+def write_once(path, text, mode):
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+def secret(path):
+    with open(path) as f:
+        return f.read().strip().rsplit(":", 1)[-1]
+
+def register(name, ready):
+    os.makedirs(CLUSTER + "/nodes", exist_ok=True)
+    with open(CLUSTER + "/nodes/." + name + ".tmp", "w") as f:
+        f.write("True KubeletReady\n" if ready else "False KubeletNotReady\n")
+    os.rename(CLUSTER + "/nodes/." + name + ".tmp", CLUSTER + "/nodes/" + name)
+
+def notify_ready():
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect(addr)
+    s.sendall(b"READY=1")
+    s.close()
+
+def log(text):
+    print(text, flush=True)
+
+command = sys.argv[1] if len(sys.argv) > 1 else ""
+with open(CONFIG) as f:
+    # JSON after comment lines, as the homelab agent writes it (JSON is YAML).
+    config = json.loads("".join(l for l in f if not l.lstrip().startswith("#")))
+name = config.get("node-name") or socket.gethostname()
+ready = config.get("flannel-backend") != "none"
+
+if command == "server":
+    write_once(CA, FAKE_CA, 0o644)
+    write_once(KUBECONFIG, "apiVersion: v1\nkind: Config\n# fake admin kubeconfig\nclusters:\n- cluster:\n    server: https://127.0.0.1:6443\n  name: default\ncurrent-context: default\n", 0o600)
+    write_once("/etc/rancher/node/password", "fake-node-password\n", 0o600)
+    register(name, ready)
+    agent_secret = secret(config.get("agent-token-file") or config["token-file"])
+
+    class Api(BaseHTTPRequestHandler):
+        def reply(self, code, body):
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def do_GET(self):
+            if self.path == "/cacerts":
+                with open(CA, "rb") as f:
+                    self.reply(200, f.read())
+            else:
+                self.reply(404, b"not found\n")
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            try:
+                join = json.loads(body)
+                given = join["token"].rsplit(":", 1)[-1]
+                joiner = join["name"]
+            except (ValueError, KeyError, AttributeError):
+                return self.reply(400, b"bad request\n")
+            if self.path != "/v1-fake/register":
+                return self.reply(404, b"not found\n")
+            if given != agent_secret or "/" in joiner or joiner.startswith("."):
+                log("refused a join as " + repr(joiner))
+                return self.reply(401, b"unauthorized\n")
+            register(joiner, ready)
+            log("node " + joiner + " joined")
+            self.reply(200, b"joined\n")
+        def log_message(self, *args):
+            pass
+
+    api = ThreadingHTTPServer(("0.0.0.0", 6443), Api)
+    notify_ready()
+    log("fake k3s server " + name + " serving on :6443")
+    api.serve_forever()
+elif command == "agent":
+    server = config["server"].split("://", 1)[-1].rstrip("/")
+    with open(config["token-file"]) as f:
+        token = f.read().strip()
+    want = token[3:].split("::", 1)[0] if token.startswith("K10") else None
+    while True:
+        try:
+            with urllib.request.urlopen("http://" + server + "/cacerts", timeout=5) as r:
+                ca = r.read()
+            if want is not None and hashlib.sha256(ca).hexdigest() != want:
+                log("the server CA does not match the token hash; refusing to join")
+            else:
+                req = urllib.request.Request("http://" + server + "/v1-fake/register", method="POST",
+                    data=json.dumps({"name": name, "token": token}).encode())
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    r.read()
+                break
+        except OSError as e:
+            log("waiting for the server at " + server + ": " + str(e))
+        time.sleep(1)
+    notify_ready()
+    log("fake k3s agent " + name + " joined " + server)
+    while True:
+        time.sleep(3600)
+else:
+    sys.exit("fake k3s: unknown command " + repr(command))
+'
+
 case "${1:-}" in
     --version | -v) echo "k3s version $FAKE_K3S_VERSION (fake)" ;;
     kubectl) shift; kubectl "$@" ;;
-    *) echo "fake k3s does not run: $*" >&2; exit 1 ;;
+    server | agent) run "$@" ;;
+    *) echo "fake k3s: unsupported arguments: $*" >&2; exit 1 ;;
 esac
 STUB
 } >"$BIN_DIR/k3s"
