@@ -59,6 +59,9 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     let iso = seed.iso(&agent)?;
     fsutil::write_atomic(&args.out.join("seed.iso"), &iso, fsutil::PRIVATE)?;
+    // The seed carries a live token: a machine booted from it must also get its role, so the
+    // spec's cluster becomes the desired one, as `apply` records it.
+    super::apply::record_desired_cluster(ctx, &args.spec).await?;
     match ctx.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "node": args.node, "out": args.out, "instance_id": instance_id, "iso_bytes": iso.len(),
