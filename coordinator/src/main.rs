@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = homelab::cli::Cli::parse();
-    homelab::cli::init_logging(cli.verbose);
+    homelab::cli::init_logging(cli.verbose, cli.draws_live_progress());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

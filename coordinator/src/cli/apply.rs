@@ -118,6 +118,28 @@ pub(super) fn provisioner(
     spec_path: &std::path::Path,
     agent_bin: Option<PathBuf>,
 ) -> anyhow::Result<Provisioner> {
+    let json = ctx.output == OutputFormat::Json;
+    provisioner_reporting(
+        ctx,
+        spec_path,
+        agent_bin,
+        Box::new(move |p| {
+            if json {
+                eprintln!("{}", serde_json::to_string(&p).unwrap_or_default());
+            } else {
+                eprintln!("{:<12}  {:<9}  {}", p.vm, p.step, p.message);
+            }
+        }),
+    )
+}
+
+/// A provisioner for the spec at `spec_path` that hands its progress to `progress`.
+pub(super) fn provisioner_reporting(
+    ctx: &Context,
+    spec_path: &std::path::Path,
+    agent_bin: Option<PathBuf>,
+    progress: Box<dyn Fn(crate::provision::Progress) + Send + Sync>,
+) -> anyhow::Result<Provisioner> {
     let spec = crate::spec::Spec::from_file(spec_path)?;
     let spec_dir = spec_path
         .parent()
@@ -136,20 +158,13 @@ pub(super) fn provisioner(
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("homelab-agent"),
     };
-    let json = ctx.output == OutputFormat::Json;
     Ok(Provisioner::new(
         spec,
         spec_dir,
         client,
         ctx.state.clone(),
         agent_bin,
-        Box::new(move |p| {
-            if json {
-                eprintln!("{}", serde_json::to_string(&p).unwrap_or_default());
-            } else {
-                eprintln!("{:<12}  {:<9}  {}", p.vm, p.step, p.message);
-            }
-        }),
+        progress,
     )?)
 }
 

@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use homelab_proto::v1::{ListNodesRequest, WatchEventsRequest};
 use tokio::{net::TcpListener, process::Child, sync::oneshot};
 
-use super::{Context, OutputFormat, client, status};
+use super::{Context, OutputFormat, client, progress::Display, status};
 use crate::{
     core::{Settings, now_unix, now_unix_ms},
     fsutil,
@@ -84,23 +84,23 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let state = StateDir::new(dir.join("coordinator"));
     state.init(&[], false)?;
     // The desired cluster, as `homelab apply` records it: one server, two agents.
+    let nodes: Vec<DesiredNode> = NODE_NAMES
+        .iter()
+        .zip(10u8..)
+        .map(|(name, last)| DesiredNode {
+            name: (*name).to_owned(),
+            role: if last == 10 {
+                Role::Server
+            } else {
+                Role::Agent
+            },
+            ip: std::net::Ipv4Addr::new(127, 0, 0, last),
+        })
+        .collect();
     {
         let mut settings =
             ClusterSettings::from_spec(&crate::spec::K3sSpec::default(), Path::new("."))?;
         settings.installer = serde_json::json!({ "file": INSTALLER_PATH });
-        let nodes: Vec<DesiredNode> = NODE_NAMES
-            .iter()
-            .zip(10u8..)
-            .map(|(name, last)| DesiredNode {
-                name: (*name).to_owned(),
-                role: if last == 10 {
-                    Role::Server
-                } else {
-                    Role::Agent
-                },
-                ip: std::net::Ipv4Addr::new(127, 0, 0, last),
-            })
-            .collect();
         record_desired(&mut state.open_store()?, &nodes, &settings)?;
     }
 
@@ -142,21 +142,24 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
 
+    // The same per-node progress as `homelab up`.
+    let mut display = Display::new(ctx.output, &nodes);
+
     // The Proxmox part, against the simulator: clone, seed, configure and start three VMs.
     let sim_bin = match args.sim_bin {
         Some(bin) => bin,
         None => std::env::current_exe()?.with_file_name("pve-sim"),
     };
     let _sim = if sim_bin.is_file() {
-        Some(provision_on_simulator(ctx, &dir, &state, &sim_bin, &address.to_string()).await?)
+        Some(
+            provision_on_simulator(&mut display, &dir, &state, &sim_bin, &address.to_string())
+                .await?,
+        )
     } else {
-        say(
-            ctx,
-            &format!(
-                "No Proxmox simulator at {}: skipping the VM part.",
-                sim_bin.display()
-            ),
-        );
+        display.note(&format!(
+            "No Proxmox simulator at {}: skipping the VM part.",
+            sim_bin.display()
+        ));
         None
     };
 
@@ -167,18 +170,17 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         write_agent_files(&state, &node_dir, name, &format!("https://{address}"))?;
         agents.push(spawn_agent(&agent_bin, &node_dir)?);
     }
-    say(
-        ctx,
-        &format!(
-            "Started {} agents: each enrolls with its one-time token, connects over mTLS, gets its K3s role and installs it.\n",
-            agents.len()
-        ),
-    );
+    display.note(&format!(
+        "Started {} agents: each enrolls with its one-time token, connects over mTLS, gets its K3s role and installs it.\n",
+        agents.len()
+    ));
 
     // A node is done when it is Ready and has acknowledged its role as applied.
     let mut ready = BTreeSet::new();
     let mut applied = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + args.timeout;
+    let mut redraw = tokio::time::interval(Duration::from_secs(1));
+    redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let outcome: anyhow::Result<()> = loop {
         if NODE_NAMES
             .iter()
@@ -186,7 +188,13 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         {
             break Ok(());
         }
-        let event = tokio::time::timeout_at(deadline, events.message()).await;
+        let event = tokio::select! {
+            event = tokio::time::timeout_at(deadline, events.message()) => event,
+            _ = redraw.tick() => {
+                display.tick();
+                continue;
+            }
+        };
         match event {
             Err(_) => {
                 let missing: Vec<_> = NODE_NAMES
@@ -204,7 +212,7 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             }
             Ok(Ok(None)) => break Err(anyhow::anyhow!("event stream ended")),
             Ok(Ok(Some(event))) => {
-                status::print_event(ctx.output, &event)?;
+                display.event(&event);
                 if event.kind == "directive.acknowledged" && event.message.contains(" applied: k3s")
                 {
                     applied.insert(event.node.clone());
@@ -219,6 +227,7 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
     };
 
+    display.finish();
     if outcome.is_ok() {
         let nodes = client::status_client(&demo_ctx)
             .await?
@@ -264,7 +273,7 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 /// Starts `pve-sim`, writes a spec for it, and applies it: the same plan and apply as
 /// `homelab apply`. Returns the simulator process, which stops when dropped.
 async fn provision_on_simulator(
-    ctx: &Context,
+    display: &mut Display,
     dir: &Path,
     state: &StateDir,
     sim_bin: &Path,
@@ -327,27 +336,45 @@ async fn provision_on_simulator(
         );
     let spec_path = dir.join("homelab.toml");
     fs::write(&spec_path, spec)?;
-    say(
-        ctx,
-        &format!(
-            "Proxmox simulator at {}; applying {}:",
-            field("endpoint")?,
-            spec_path.display()
-        ),
-    );
+    display.note(&format!(
+        "Proxmox simulator at {}; applying {}:",
+        field("endpoint")?,
+        spec_path.display()
+    ));
     let demo_ctx = Context {
         state: state.clone(),
         coordinator: None,
-        output: ctx.output,
+        output: OutputFormat::Table,
     };
-    let provisioner = std::sync::Arc::new(super::apply::provisioner(
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let provisioner = std::sync::Arc::new(super::apply::provisioner_reporting(
         &demo_ctx,
         &spec_path,
         Some(dir.join("seed-agent")),
+        Box::new(move |p| {
+            let _ = progress_tx.send(p);
+        }),
     )?);
     let plan = provisioner.plan().await?;
-    provisioner.apply(&plan).await?;
-    say(ctx, "Three VMs created, seeded and started.\n");
+    let mut applying = tokio::spawn({
+        let provisioner = std::sync::Arc::clone(&provisioner);
+        async move { provisioner.apply(&plan).await }
+    });
+    // The provisioner (and with it the channel's sender) lives on in this function.
+    loop {
+        tokio::select! {
+            Some(p) = progress.recv() => display.vm(&p),
+            applied = &mut applying => {
+                applied.context("the provisioner task failed")??;
+                break;
+            }
+        }
+    }
+    while let Ok(p) = progress.try_recv() {
+        display.vm(&p);
+    }
+    display.applied();
+    display.note("Three VMs created, seeded and started.\n");
     // Keep the simulator running for the rest of the demo.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(sim)

@@ -8,6 +8,7 @@ mod init;
 mod kubeconfig;
 mod node;
 mod output;
+mod progress;
 mod render;
 mod serve;
 mod status;
@@ -94,6 +95,14 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Whether the command draws a live progress board: `up` and `demo` with table output
+    /// on a terminal.
+    pub fn draws_live_progress(&self) -> bool {
+        matches!(self.command, Command::Up(_) | Command::Demo(_))
+            && self.output == OutputFormat::Table
+            && std::io::IsTerminal::is_terminal(&std::io::stdout())
+    }
+
     /// Runs the chosen subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         let state = StateDir::new(match &self.state_dir {
@@ -131,9 +140,11 @@ pub struct Context {
     pub output: OutputFormat,
 }
 
-/// Starts logging to stderr. `HOMELAB_LOG` overrides the level chosen by `-v`.
-pub fn init_logging(verbose: u8) {
+/// Starts logging to stderr. `HOMELAB_LOG` overrides the level chosen by `-v`. `quiet`
+/// (a live progress board owns the terminal) lowers the default to warnings.
+pub fn init_logging(verbose: u8, quiet: bool) {
     let default = match verbose {
+        0 if quiet => "warn",
         0 => "info,h2=warn,hyper=warn,tower=warn,rustls=warn",
         1 => "debug,h2=info,hyper=info,tower=info,rustls=info",
         _ => "trace",

@@ -15,14 +15,24 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use anyhow::Context as _;
 use homelab_proto::v1::{self as pb, ListNodesRequest, WatchEventsRequest};
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
 
 use super::{
     Context, OutputFormat,
-    apply::{plan_table, provisioner, record_desired_cluster},
-    client, parse_duration, status,
+    apply::{plan_table, provisioner_reporting, record_desired_cluster},
+    client, parse_duration,
+    progress::{Display, NodeProgress},
 };
-use crate::{core::Settings, spec::Spec, state_dir::StateDirError};
+use crate::{
+    core::Settings,
+    orchestrate::ClusterSettings,
+    provision::{Action, Progress},
+    spec::Spec,
+    state_dir::StateDirError,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -122,23 +132,8 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
 
-    let provisioner = Arc::new(provisioner(ctx, &args.spec, args.agent_bin.clone())?);
-    let plan = provisioner.plan().await?;
-    if ctx.output == OutputFormat::Table {
-        print!("{}", plan_table(&plan));
-    }
-    if !plan.conflicts().is_empty() {
-        anyhow::bail!(
-            "VMs {:?} conflict with VMs homelab did not create; nothing was changed",
-            plan.conflicts()
-        );
-    }
-    if !plan.is_noop() {
-        provisioner.apply(&plan).await?;
-    }
-    record_desired_cluster(op_ctx, &args.spec).await?;
-
-    let wanted: BTreeSet<String> = spec.vms.iter().map(|v| v.name.get_ref().clone()).collect();
+    let desired = ClusterSettings::desired_nodes(spec);
+    let wanted: BTreeSet<String> = desired.iter().map(|n| n.name.clone()).collect();
     // Without a CNI (flannel-backend none, e.g. for Cilium) Nodes stay NotReady until one is
     // installed: then a node is done once K3s is installed and started on it.
     let waits_for_cni = spec
@@ -156,52 +151,160 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
                         && p.outcome == pb::StepOutcome::Succeeded as i32
                 }))
     };
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    loop {
-        let nodes = list(op_ctx).await?;
-        let ready: BTreeSet<String> = nodes
-            .iter()
-            .filter(|n| done(n))
-            .map(|n| n.name.clone())
-            .collect();
-        if wanted.iter().all(|n| ready.contains(n)) {
-            break;
+
+    let (progress_tx, mut progress) = mpsc::unbounded_channel::<Progress>();
+    let provisioner = Arc::new(provisioner_reporting(
+        ctx,
+        &args.spec,
+        args.agent_bin.clone(),
+        Box::new(move |p| {
+            let _ = progress_tx.send(p);
+        }),
+    )?);
+    let plan = provisioner.plan().await?;
+    match ctx.output {
+        OutputFormat::Table => print!("{}", plan_table(&plan)),
+        OutputFormat::Json => println!("{}", serde_json::json!({ "kind": "plan", "plan": plan })),
+    }
+    if !plan.conflicts().is_empty() {
+        anyhow::bail!(
+            "VMs {:?} conflict with VMs homelab did not create; nothing was changed",
+            plan.conflicts()
+        );
+    }
+    if ctx.output == OutputFormat::Table {
+        println!();
+    }
+
+    let mut display = Display::new(ctx.output, &desired);
+    if waits_for_cni {
+        display.done_when_running();
+    }
+    display.known(&list(op_ctx).await?);
+    let mut applying = if plan.is_noop() {
+        None
+    } else {
+        let provisioner = Arc::clone(&provisioner);
+        Some(tokio::spawn(async move { provisioner.apply(&plan).await }))
+    };
+    if applying.is_none() {
+        display.applied();
+        record_desired_cluster(op_ctx, &args.spec).await?;
+    }
+    // The timeout counts from when every VM runs: provisioning has its own limits.
+    let mut deadline = applying
+        .is_none()
+        .then(|| tokio::time::Instant::now() + args.timeout);
+    let mut redraw = tokio::time::interval(Duration::from_secs(1));
+    redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut check = true;
+    // The coordinator's records decide when every node is done. The events saying so follow
+    // right after: wait briefly for them, so the progress shown ends where the cluster is.
+    let mut settled: Option<tokio::time::Instant> = None;
+    let outcome: anyhow::Result<()> = loop {
+        if check && applying.is_none() {
+            let nodes = list(op_ctx).await?;
+            if wanted
+                .iter()
+                .all(|name| nodes.iter().any(|n| &n.name == name && done(n)))
+            {
+                if display.all_done() {
+                    break Ok(());
+                }
+                settled.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+            } else {
+                settled = None;
+            }
+            check = false;
         }
-        match tokio::time::timeout_at(deadline, events.message()).await {
-            Err(_) => {
-                let nodes = list(op_ctx).await?;
-                if ctx.output == OutputFormat::Table {
-                    println!();
-                    print!("{}", status::nodes_table(&nodes));
+        tokio::select! {
+            () = sleep_until_some(settled) => break Ok(()),
+            Some(p) = progress.recv() => display.vm(&p),
+            applied = async { applying.as_mut().expect("guarded").await }, if applying.is_some() => {
+                applying = None;
+                match applied {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break Err(e.into()),
+                    Err(e) => break Err(anyhow::anyhow!("the provisioner task failed: {e}")),
                 }
-                let mut reasons = Vec::new();
-                for name in &wanted {
-                    let node = nodes.iter().find(|n| &n.name == name);
-                    if node.is_some_and(done) {
-                        continue;
+                while let Ok(p) = progress.try_recv() {
+                    display.vm(&p);
+                }
+                display.applied();
+                if let Err(e) = record_desired_cluster(op_ctx, &args.spec).await {
+                    break Err(e);
+                }
+                deadline = Some(tokio::time::Instant::now() + args.timeout);
+                check = true;
+            }
+            event = events.message() => match event {
+                Ok(Some(event)) => {
+                    if wanted.contains(&event.node) || event.node.is_empty() {
+                        display.event(&event);
+                        check = true;
                     }
-                    reasons.push(format!("{name}: {}", waiting_for(node)));
                 }
-                anyhow::bail!(
+                Ok(None) => break Err(anyhow::anyhow!("the coordinator ended the event stream")),
+                Err(s) => break Err(anyhow::anyhow!("event stream failed: {}", s.message())),
+            },
+            () = sleep_until_some(deadline) => {
+                display.finish();
+                let nodes = list(op_ctx).await?;
+                let reasons: Vec<(String, String)> = desired
+                    .iter()
+                    .filter_map(|d| {
+                        let node = nodes.iter().find(|n| n.name == d.name);
+                        (!node.is_some_and(done)).then(|| (d.name.clone(), waiting_for(node)))
+                    })
+                    .collect();
+                summary(ctx, &display, &nodes, &reasons, None)?;
+                break Err(anyhow::anyhow!(
                     "the cluster was not Ready within {:?}:\n  {}",
                     args.timeout,
-                    reasons.join("\n  ")
-                );
+                    reasons
+                        .iter()
+                        .map(|(name, why)| format!("{name}: {why}"))
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                ));
             }
-            Ok(Ok(Some(event))) => {
-                if wanted.contains(&event.node) || event.node.is_empty() {
-                    status::print_event(ctx.output, &event)?;
-                }
-            }
-            Ok(Ok(None)) => anyhow::bail!("the coordinator ended the event stream"),
-            Ok(Err(s)) => anyhow::bail!("event stream failed: {}", s.message()),
+            _ = redraw.tick() => display.tick(),
         }
+    };
+    if outcome.is_err() {
+        display.finish();
+        return outcome;
     }
+    display.finish();
 
     // Every node has enrolled: their seeds, which held their one-time tokens, can go.
     let cleanup = provisioner.plan().await?;
     if !cleanup.is_noop() {
         provisioner.apply(&cleanup).await?;
+        let removed = cleanup
+            .vms
+            .iter()
+            .filter(|vm| {
+                matches!(
+                    vm.action,
+                    Action::Adopt {
+                        remove_seed: true,
+                        ..
+                    }
+                )
+            })
+            .count();
+        match ctx.output {
+            OutputFormat::Json => {
+                while let Ok(p) = progress.try_recv() {
+                    display.vm(&p);
+                }
+            }
+            OutputFormat::Table if removed > 0 => println!(
+                "\nRemoved the seeds of {removed} enrolled node(s): they held one-time tokens."
+            ),
+            OutputFormat::Table => {}
+        }
     }
     let nodes = list(op_ctx).await?;
     let kubeconfig = match std::env::var_os("HOME") {
@@ -234,26 +337,122 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
         }
         None => None,
     };
-    match ctx.output {
-        OutputFormat::Json => super::output::print_json(&serde_json::json!({
-            "ready": nodes.iter().filter(|n| n.ready).map(|n| n.name.clone()).collect::<Vec<_>>(),
-            "kubeconfig": kubeconfig,
-        }))?,
-        OutputFormat::Table => {
-            println!();
-            print!("{}", status::nodes_table(&nodes));
-            let what = if waits_for_cni {
-                "K3s runs on every node; Nodes stay NotReady until you install a CNI (flannel-backend is none)."
-            } else {
-                "The cluster is Ready."
-            };
-            match kubeconfig {
-                Some(path) => println!("\n{what} KUBECONFIG={} kubectl get nodes", path.display()),
-                None => println!("\n{what}"),
-            }
+    summary(ctx, &display, &nodes, &[], kubeconfig.as_deref())?;
+    if ctx.output == OutputFormat::Table {
+        let what = if waits_for_cni {
+            "K3s runs on every node; Nodes stay NotReady until you install a CNI (flannel-backend is none)."
+        } else {
+            "The cluster is Ready."
+        };
+        match kubeconfig {
+            Some(path) => println!("\n{what} KUBECONFIG={} kubectl get nodes", path.display()),
+            None => println!("\n{what}"),
         }
     }
     Ok(())
+}
+
+/// How long `up` waits, once the coordinator has every node done, for the events that say so.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The end of a run: per node of the spec its role, address, phase and readiness, and for
+/// the nodes in `reasons` what they wait for. A table, or one JSON object.
+fn summary(
+    ctx: &Context,
+    display: &Display,
+    nodes: &[pb::Node],
+    reasons: &[(String, String)],
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let rows: Vec<SummaryRow<'_>> = display
+        .board()
+        .nodes
+        .iter()
+        .map(|p| SummaryRow {
+            progress: p,
+            ready: nodes.iter().any(|n| n.name == p.name && n.ready),
+            waiting_for: reasons
+                .iter()
+                .find(|(name, _)| *name == p.name)
+                .map(|(_, why)| why.as_str()),
+        })
+        .collect();
+    match ctx.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "kind": "summary",
+                "ok": reasons.is_empty(),
+                "nodes": rows.iter().map(|r| serde_json::json!({
+                    "name": r.progress.name,
+                    "role": r.progress.role,
+                    "ip": r.progress.ip,
+                    "phase": r.phase(),
+                    "ready": r.ready,
+                    "waiting_for": r.waiting_for,
+                })).collect::<Vec<_>>(),
+                "ready": rows.iter().filter(|r| r.ready).map(|r| &r.progress.name).collect::<Vec<_>>(),
+                "kubeconfig": kubeconfig,
+            })
+        ),
+        OutputFormat::Table => {
+            println!();
+            print!("{}", summary_table(&rows));
+        }
+    }
+    Ok(())
+}
+
+struct SummaryRow<'a> {
+    progress: &'a NodeProgress,
+    ready: bool,
+    waiting_for: Option<&'a str>,
+}
+
+impl SummaryRow<'_> {
+    /// The node's phase; `ready` once the coordinator has it Ready, even if the event saying
+    /// so came after the last one shown.
+    fn phase(&self) -> String {
+        if self.ready {
+            "ready".to_owned()
+        } else {
+            self.progress.phase.to_string()
+        }
+    }
+}
+
+/// NAME, ROLE, IP, PHASE, READY, and WAITING FOR when a node is not done.
+fn summary_table(rows: &[SummaryRow<'_>]) -> String {
+    let failed = rows.iter().any(|r| r.waiting_for.is_some());
+    let mut header = vec!["NAME", "ROLE", "IP", "PHASE", "READY"];
+    if failed {
+        header.push("WAITING FOR");
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                r.progress.name.clone(),
+                r.progress.role.clone(),
+                r.progress.ip.clone(),
+                r.phase(),
+                if r.ready { "Ready" } else { "-" }.to_owned(),
+            ];
+            if failed {
+                row.push(r.waiting_for.unwrap_or("-").to_owned());
+            }
+            row
+        })
+        .collect();
+    super::output::table(&header, &cells)
 }
 
 async fn list(ctx: &Context) -> anyhow::Result<Vec<pb::Node>> {
