@@ -77,6 +77,10 @@ pub struct SimConfig {
     /// The first three octets of the /24 that guests without a static `ipconfig0` get their
     /// address from (the last octet derives from the vmid).
     pub dhcp_prefix: [u8; 3],
+    /// Keep the cluster in this file, so a restarted simulator carries on like a restarted
+    /// pveproxy: same certificate, VMs, volumes and tasks (see [`crate::persist`]). `None`:
+    /// memory only.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -102,6 +106,7 @@ impl Default for SimConfig {
             check_iso_magic: false,
             nextid_lower: 100,
             dhcp_prefix: [192, 0, 2],
+            state_file: None,
         }
     }
 }
@@ -194,7 +199,9 @@ impl Timing {
 }
 
 /// The worker task types the simulator runs, named by their UPID type string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum TaskType {
     /// `qmclone`
     Clone,

@@ -18,7 +18,7 @@ use hyper::ext::ReasonPhrase;
 use percent_encoding::percent_decode_str;
 use serde_json::{Map, Value, json};
 use tokio::time::sleep;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::api::{self, ApiError, Ctx, Reply, UploadedFile};
 use crate::auth::Caller;
@@ -78,6 +78,11 @@ pub(crate) async fn handle(
         user: None,
     };
     let (outcome, format) = process(&shared, req, &mut record).await;
+    if record.method != "GET"
+        && let Err(err) = shared.persist()
+    {
+        warn!(error = %err, "failed to write the state file");
+    }
     let response = render(outcome, format, shared.legacy_errors());
     record.status = response.status().as_u16();
     debug!(

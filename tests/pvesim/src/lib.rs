@@ -35,6 +35,7 @@
 //! - `state`: VMs, volumes and tasks; tasks finish when their tokio deadline passes.
 //! - [`faults`]: request faults, scripted task failures, the `nextid` race.
 //! - [`observe`]: the request log and snapshots for assertions.
+//! - [`persist`]: the optional state file that carries the cluster across a restart.
 
 mod api;
 mod auth;
@@ -43,6 +44,7 @@ pub mod faults;
 mod http;
 mod multipart;
 pub mod observe;
+pub mod persist;
 mod propstr;
 mod schema;
 mod server;
@@ -56,6 +58,7 @@ pub use config::{
 };
 pub use faults::{FaultRule, Faults, MethodFilter};
 pub use observe::{RequestLog, RequestRecord, TaskSnapshot, VmSnapshot, VmStatus, VolumeSnapshot};
+pub use persist::StateFileError;
 pub use server::{SimError, Simulator, start, start_with_listener};
 pub use state::InvalidConfigError;
 pub use tls::TlsSetupError;

@@ -2,7 +2,7 @@
 //!
 //! Prints one JSON line (`url`, `endpoint`, `fingerprint`, `ca_pem_path`, `token_id`,
 //! `token_secret`) once listening, then serves until SIGINT or SIGTERM. It binds only the
-//! `--listen` address.
+//! `--listen` address. With `--state FILE` it keeps the cluster in FILE and resumes from it.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -86,6 +86,10 @@ struct Args {
     /// Resource pools that exist.
     #[arg(long = "pool")]
     pools: Vec<String>,
+    /// Keep the cluster (certificate, VMs, volumes, tasks) in this file and start from it
+    /// when it exists, so a restart behaves like a restarted pveproxy.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 impl Args {
@@ -123,6 +127,7 @@ impl Args {
             max_body_bytes: self.max_body_bytes,
             check_iso_magic: self.check_iso_magic,
             pools: self.pools.clone(),
+            state_file: self.state.clone(),
             ..SimConfig::default()
         }
     }

@@ -19,6 +19,7 @@ use crate::auth::Credentials;
 use crate::config::{SimConfig, Timing};
 use crate::faults::Faults;
 use crate::observe::{self, RequestLog, RequestRecord, TaskSnapshot, VmSnapshot, VolumeSnapshot};
+use crate::persist::{SavedTls, StateFile, StateFileError};
 use crate::state::{InvalidConfigError, State};
 use crate::tls::{TlsIdentity, TlsSetupError};
 
@@ -46,6 +47,9 @@ pub enum SimError {
     /// Certificate generation failed.
     #[error("failed to set up TLS")]
     Tls(#[from] TlsSetupError),
+    /// The state file could not be read or first written.
+    #[error("simulator state file")]
+    StateFile(#[from] StateFileError),
 }
 
 /// Everything the connection tasks share.
@@ -61,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_upload_bytes: usize,
     pub(crate) started: Instant,
+    /// Where the cluster is kept across restarts, with the TLS identity it saves.
+    state_file: Option<(StateFile, SavedTls)>,
 }
 
 impl Shared {
@@ -96,6 +102,19 @@ impl Shared {
 
     pub(crate) fn legacy_errors(&self) -> bool {
         self.legacy_errors.load(Ordering::Relaxed)
+    }
+
+    /// Writes the state file, if there is one (see [`crate::persist`]).
+    pub(crate) fn persist(&self) -> Result<(), StateFileError> {
+        let Some((file, tls)) = &self.state_file else {
+            return Ok(());
+        };
+        file.save(tls, &self.credentials.key, || {
+            let now = self.now();
+            let mut state = self.lock_state();
+            state.advance(now);
+            (state, now)
+        })
     }
 }
 
@@ -137,8 +156,24 @@ pub async fn start_with_listener(
 ) -> Result<Simulator, SimError> {
     let addr = listener.local_addr().map_err(SimError::LocalAddr)?;
     let node = config.nodes.first().cloned().unwrap_or_default();
-    let tls = TlsIdentity::generate(&node, addr.ip())?;
-    let state = State::new(&config)?;
+    let state_file = config.state_file.as_deref().map(StateFile::new);
+    let saved = match &state_file {
+        Some(file) => file.load(Instant::now())?,
+        None => None,
+    };
+    let tls = match &saved {
+        Some(saved) => TlsIdentity::from_saved(&saved.tls)?,
+        None => TlsIdentity::generate(&node, addr.ip())?,
+    };
+    let mut state = State::new(&config)?;
+    let key = saved
+        .as_ref()
+        .and_then(|s| s.ticket_key())
+        .unwrap_or_else(rand::random);
+    if let Some(saved) = saved {
+        info!(path = ?config.state_file, "state restored");
+        saved.restore(&mut state);
+    }
     let (token_id, token_secret) = config
         .tokens
         .first()
@@ -152,14 +187,16 @@ pub async fn start_with_listener(
         credentials: Credentials {
             tokens: config.tokens.clone(),
             users: config.users.clone(),
-            key: rand::random(),
+            key,
         },
         version: config.version.clone(),
         fingerprint: tls.fingerprint.clone(),
         max_body_bytes: config.max_body_bytes,
         max_upload_bytes: config.max_upload_bytes,
         started: Instant::now(),
+        state_file: state_file.map(|file| (file, tls.saved())),
     });
+    shared.persist()?;
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(accept_loop(listener, acceptor, shared.clone(), rx));

@@ -9,16 +9,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::config::{SimConfig, StorageSpec, TaskType, Timing};
 use crate::faults::FaultState;
+use crate::persist;
 use crate::propstr;
 
 /// Who made a request, as it appears in UPIDs and task status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Principal {
     /// `user@realm`.
     pub(crate) userid: String,
@@ -37,19 +39,21 @@ impl Principal {
 }
 
 /// Whether a VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Power {
     Stopped,
     Running {
+        #[serde(with = "persist::instant")]
         since: Instant,
         pid: u32,
         /// When the guest agent starts answering; `None` if the agent is disabled.
+        #[serde(with = "persist::opt_instant")]
         agent_ready_at: Option<Instant>,
     },
 }
 
 /// One VM (or template).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Vm {
     pub(crate) vmid: u32,
     pub(crate) node: String,
@@ -185,7 +189,7 @@ pub(crate) fn drive_size(value: &str) -> Option<u64> {
 }
 
 /// One volume on a storage.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Volume {
     pub(crate) volid: String,
     pub(crate) content: String,
@@ -193,7 +197,8 @@ pub(crate) struct Volume {
     pub(crate) size: u64,
     pub(crate) ctime: u64,
     pub(crate) vmid: Option<u32>,
-    /// Uploaded bytes (uploads only).
+    /// Uploaded bytes (uploads only); a state file keeps them as separate blobs.
+    #[serde(with = "persist::blob")]
     pub(crate) data: Option<Arc<[u8]>>,
 }
 
@@ -221,7 +226,7 @@ impl Storage {
 }
 
 /// How a task ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum TaskEnd {
     Ok,
     Warnings(u32),
@@ -247,7 +252,7 @@ impl TaskEnd {
 }
 
 /// What a finished task does to the cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Effect {
     None,
     /// Replace the clone placeholder with the real config and add the new volumes.
@@ -289,7 +294,7 @@ pub(crate) enum Effect {
 }
 
 /// One worker task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Task {
     pub(crate) upid: String,
     pub(crate) node: String,
@@ -299,8 +304,10 @@ pub(crate) struct Task {
     pub(crate) pid: u32,
     pub(crate) pstart: u64,
     pub(crate) starttime: u64,
+    #[serde(with = "persist::instant")]
     pub(crate) due: Instant,
     /// `(storage, from)`: the clone holds an allocation slot on `storage` from `from` to `due`.
+    #[serde(with = "persist::slot")]
     pub(crate) slot: Option<(String, Instant)>,
     pub(crate) log: Vec<String>,
     pub(crate) end: TaskEnd,
@@ -359,8 +366,8 @@ pub(crate) struct State {
     pub(crate) faults: FaultState,
     /// Guest addresses set by tests, overriding `ipconfig0` and the DHCP default.
     pub(crate) guest_addresses: BTreeMap<u32, Vec<std::net::IpAddr>>,
-    next_pid: u32,
-    writes: u64,
+    pub(crate) next_pid: u32,
+    pub(crate) writes: u64,
     boot: Instant,
 }
 

@@ -11,7 +11,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use sha2::{Digest, Sha256};
 
 /// Generating or installing the certificates failed.
@@ -29,12 +29,20 @@ pub enum TlsSetupError {
     /// rustls rejected the generated key or protocol set.
     #[error("failed to build the TLS server configuration")]
     ServerConfig(#[source] rustls::Error),
+    /// A saved certificate or key (state file) is not PEM.
+    #[error("the saved {what} is not valid PEM")]
+    SavedPem {
+        /// `certificate` or `key`.
+        what: &'static str,
+    },
 }
 
 /// The certificates one simulator serves.
 pub(crate) struct TlsIdentity {
     pub(crate) ca_pem: String,
     pub(crate) cert_pem: String,
+    /// The node key, kept for the state file.
+    pub(crate) key_pem: String,
     pub(crate) fingerprint: String,
     pub(crate) server_config: Arc<rustls::ServerConfig>,
 }
@@ -93,8 +101,51 @@ impl TlsIdentity {
             .signed_by(&leaf_key, &issuer)
             .map_err(leaf_err)?;
 
-        let fingerprint = fingerprint_of(leaf_cert.der());
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        Self::serve(
+            ca_cert.pem(),
+            leaf_cert.pem(),
+            leaf_key.serialize_pem(),
+            CertificateDer::from(leaf_cert.der().to_vec()),
+            key_der,
+        )
+    }
+
+    /// The identity a state file kept: the same certificate and fingerprint as before.
+    pub(crate) fn from_saved(saved: &crate::persist::SavedTls) -> Result<Self, TlsSetupError> {
+        let cert = CertificateDer::from_pem_slice(saved.cert_pem.as_bytes()).map_err(|_| {
+            TlsSetupError::SavedPem {
+                what: "certificate",
+            }
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(saved.key_pem.as_bytes())
+            .map_err(|_| TlsSetupError::SavedPem { what: "key" })?;
+        Self::serve(
+            saved.ca_pem.clone(),
+            saved.cert_pem.clone(),
+            saved.key_pem.clone(),
+            cert,
+            key,
+        )
+    }
+
+    /// The identity as a state file keeps it.
+    pub(crate) fn saved(&self) -> crate::persist::SavedTls {
+        crate::persist::SavedTls {
+            ca_pem: self.ca_pem.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+
+    fn serve(
+        ca_pem: String,
+        cert_pem: String,
+        key_pem: String,
+        cert: CertificateDer<'static>,
+        key_der: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsSetupError> {
+        let fingerprint = fingerprint_of(&cert);
         #[expect(
             deprecated,
             reason = "ring is the workspace's one provider; it lacks post-quantum key exchange"
@@ -105,16 +156,14 @@ impl TlsIdentity {
             .map_err(TlsSetupError::ServerConfig)?
             .with_no_client_auth()
             // PVE serves the node certificate alone; clients bring the CA.
-            .with_single_cert(
-                vec![CertificateDer::from(leaf_cert.der().to_vec())],
-                key_der,
-            )
+            .with_single_cert(vec![cert], key_der)
             .map_err(TlsSetupError::ServerConfig)?;
         server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
         Ok(Self {
-            ca_pem: ca_cert.pem(),
-            cert_pem: leaf_cert.pem(),
+            ca_pem,
+            cert_pem,
+            key_pem,
             fingerprint,
             server_config: Arc::new(server_config),
         })

@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unreachable_pub)] // Reason: each test binary uses a different subset.
 
+pub mod netns;
+
 use std::{
     fs,
     io::Read,
@@ -61,11 +63,31 @@ pub struct CoordinatorProcess {
     child: Option<Child>,
     pub address: Option<SocketAddr>,
     extra_args: Vec<String>,
+    /// The network namespace the daemon and the CLI run in (`ip netns exec`), if any.
+    netns: Option<String>,
+    /// The host part of `--listen`.
+    listen_host: String,
 }
 
 impl CoordinatorProcess {
     /// Runs `homelab init` in a fresh temporary state directory.
     pub fn init(extra_serve_args: &[&str]) -> Self {
+        Self::init_with(&[], extra_serve_args)
+    }
+
+    /// Runs `homelab init INIT_ARGS…` (for example extra `--san`s) in a fresh temporary
+    /// state directory.
+    pub fn init_with(init_args: &[&str], extra_serve_args: &[&str]) -> Self {
+        Self::init_netns(None, init_args, extra_serve_args)
+    }
+
+    /// Like [`Self::init_with`], but the daemon and the CLI run in the network namespace
+    /// `netns` (`ip netns exec`), and `serve` listens on all of its addresses.
+    pub fn init_in(netns: &str, init_args: &[&str], extra_serve_args: &[&str]) -> Self {
+        Self::init_netns(Some(netns), init_args, extra_serve_args)
+    }
+
+    fn init_netns(netns: Option<&str>, init_args: &[&str], extra_serve_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         let this = Self {
@@ -74,8 +96,17 @@ impl CoordinatorProcess {
             child: None,
             address: None,
             extra_args: extra_serve_args.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_owned),
+            listen_host: if netns.is_some() {
+                "0.0.0.0"
+            } else {
+                "127.0.0.1"
+            }
+            .to_owned(),
         };
-        let out = this.cli(&["init"]);
+        let mut args = vec!["init"];
+        args.extend(init_args);
+        let out = this.cli(&args);
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -87,17 +118,15 @@ impl CoordinatorProcess {
     /// Starts `homelab serve` on the previous port, or an ephemeral one the first time, and
     /// waits until it has recorded its address.
     pub fn start(&mut self) {
-        let listen = match self.address {
-            Some(addr) => addr.to_string(),
-            None => "127.0.0.1:0".to_owned(),
-        };
+        let port = self.address.map_or(0, |addr| addr.port());
+        let listen = format!("{}:{port}", self.listen_host);
         let _ = fs::remove_file(self.state.address_file());
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("coordinator.log"))
             .unwrap();
-        let child = Command::new(bin("homelab"))
+        let child = in_netns(self.netns.as_deref(), &bin("homelab"))
             .arg("--state-dir")
             .arg(self.state.root())
             .args(["serve", "--listen", &listen])
@@ -123,13 +152,28 @@ impl CoordinatorProcess {
         }
     }
 
+    /// SIGTERM, and waits (bounded) for the daemon to exit; `kill -9` if it does not.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("https://{}", self.address.expect("started"))
     }
 
     /// Runs the CLI against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(bin("homelab"));
+        let mut cmd = in_netns(self.netns.as_deref(), &bin("homelab"));
         // `init` writes an example spec into the working directory: keep it in the temp dir.
         cmd.current_dir(self.dir.path());
         cmd.arg("--state-dir").arg(self.state.root());
@@ -180,6 +224,8 @@ pub struct AgentProcess {
     pub name: String,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// The network namespace the agent runs in (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 impl AgentProcess {
@@ -214,6 +260,19 @@ impl AgentProcess {
         token: &str,
         extra_config: &str,
     ) -> Self {
+        Self::start_in(None, base, url, state, name, token, extra_config)
+    }
+
+    /// [`Self::start_at`] in the network namespace `netns` (`ip netns exec`), if given.
+    pub fn start_in(
+        netns: Option<&str>,
+        base: &Path,
+        url: &str,
+        state: &StateDir,
+        name: &str,
+        token: &str,
+        extra_config: &str,
+    ) -> Self {
         let dir = base.join("agents").join(name);
         let root = dir.join("root");
         fs::create_dir_all(root.join("etc")).unwrap();
@@ -237,6 +296,7 @@ impl AgentProcess {
             name: name.to_owned(),
             dir,
             child: None,
+            netns: netns.map(str::to_owned),
         };
         agent.restart();
         agent
@@ -250,7 +310,7 @@ impl AgentProcess {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = Command::new(bin("homelab-agent"))
+        let child = in_netns(self.netns.as_deref(), &bin("homelab-agent"))
             .arg("--config")
             .arg(self.dir.join("agent.toml"))
             .env("HOMELAB_AGENT_LOG", "debug")
@@ -292,6 +352,19 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A command for `program`, run in the network namespace `netns` through `ip netns exec`
+/// when one is given. `ip netns exec` execs the program, so the child's pid is the program's.
+fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", netns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
     }
 }
 
