@@ -418,6 +418,8 @@ async fn up_prints_per_node_progress_and_a_rerun_changes_nothing() {
     let sim = pve_sim::start(SimConfig::default()).await.unwrap();
     let s = setup(&sim);
     let init = Command::new(bin("homelab"))
+        // `init` writes an example spec into the working directory: keep it in the temp dir.
+        .current_dir(s.dir.path())
         .arg("--state-dir")
         .arg(s.state.root())
         .args(["init", "--san", "127.0.0.1"])
