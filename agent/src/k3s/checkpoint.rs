@@ -12,6 +12,12 @@
 //! 3. `installed` changes only when `run-installer` completes, and `restart_pending` is set by
 //!    `write-config` and `run-installer` and cleared by `start`. A later plan is compared with
 //!    these, not with what an interrupted plan meant to do.
+//! 4. The plan it holds has a [`Checkpoint::fingerprint`], computed from `plan` and
+//!    `config_hash` (no token needed), equal to [`InstallPlan::fingerprint`] of the same plan
+//!    under any revision. So a plan resumed after a restart is recognised when the
+//!    coordinator pushes it again under a new revision: the same work, not a newer plan.
+//!
+//! [`InstallPlan::fingerprint`]: crate::k3s::plan::InstallPlan::fingerprint
 
 use std::{
     fs, io,
@@ -24,7 +30,7 @@ use crate::{
     identity::write_private,
     k3s::{
         install::Step,
-        plan::{PlanSpec, PlanTokens, Role},
+        plan::{self, PlanSpec, PlanTokens, Role},
     },
 };
 
@@ -122,6 +128,11 @@ impl Checkpoint {
             restart_pending: previous.is_some_and(|p| p.restart_pending),
             staged_tokens,
         }
+    }
+
+    /// The plan's fingerprint (rule 4).
+    pub fn fingerprint(&self) -> String {
+        plan::fingerprint(&self.plan, &self.config_hash)
     }
 
     /// The steps not completed yet.
@@ -257,6 +268,41 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         checkpoint.complete(Step::Start);
         assert!(checkpoint.is_complete());
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_plans_under_any_revision_and_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        let plan = plan();
+        let checkpoint = Checkpoint::new(
+            plan.spec.clone(),
+            plan.config_hash(),
+            vec![Step::Preflight, Step::Start],
+            StartAction::Start,
+            None,
+            None,
+        );
+        store.save(&checkpoint).unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        let pushed_again = InstallPlan::for_directive(
+            9,
+            "server",
+            r#"{"schema":1,"revision":3,"install_revision":1,"role":"server","token":"tok-en-value-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(loaded.fingerprint(), pushed_again.fingerprint());
+        let new_token = InstallPlan::parse(
+            r#"{"schema":1,"revision":3,"install_revision":1,"role":"server","token":"tok-en-value-2"}"#,
+        )
+        .unwrap();
+        assert_ne!(loaded.fingerprint(), new_token.fingerprint());
+        // Derived, never written: the file holds neither the token nor the fingerprint.
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert!(
+            !text.contains("tok-en-value-1") && !text.contains(&loaded.fingerprint()),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //!    until the deadline; on timeout the journal names a cause when it can.
 //!
 //! Rules (which steps a plan needs):
-//! 1. A checkpoint of the same plan that is not complete resumes at its first step not
-//!    completed; completed steps never run again.
+//! 1. A checkpoint of the same plan (the same [`InstallPlan::fingerprint`], so also the same
+//!    plan pushed again under a newer revision) that is not complete resumes at its first
+//!    step not completed, under the newer revision; completed steps never run again.
 //! 2. Otherwise the plan is compared with the host: `write-config` when the files on disk
 //!    differ from the plan's; `fetch-installer` and `run-installer` when nothing is installed or
 //!    `install_revision`, `version` (or, without a version, `channel`) or role differ from what
@@ -336,16 +337,20 @@ impl<H: Host> Executor<H> {
         let config_hash = plan.config_hash();
         if let Some(checkpoint) = previous
             .as_ref()
-            .filter(|c| c.plan == plan.spec && c.config_hash == config_hash && !c.is_complete())
+            .filter(|c| !c.is_complete() && c.fingerprint() == plan.fingerprint())
         {
             // Invariant: an incomplete checkpoint has a remaining step.
             info!(
-                "resuming revision {} at {}",
-                plan.spec.revision,
-                checkpoint.remaining()[0]
+                "resuming revision {} at {} (as revision {})",
+                checkpoint.plan.revision,
+                checkpoint.remaining()[0],
+                plan.spec.revision
             );
+            // The same plan, maybe pushed again under a newer revision: it goes on under that.
+            let mut checkpoint = checkpoint.clone();
+            checkpoint.plan.revision = plan.spec.revision;
             return self
-                .run_steps(checkpoint.clone(), Some(plan), reporter, &redactor)
+                .run_steps(checkpoint, Some(plan), reporter, &redactor)
                 .await;
         }
 
@@ -1194,6 +1199,69 @@ mod tests {
         let applied = executor.apply(&plan, &mut reporter).await.unwrap();
         assert_eq!(applied.ran, [Step::RunInstaller, Step::Start]);
         assert_eq!(reporter.events[0].attempt, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_plan_under_a_newer_revision_continues_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = executor(dir.path());
+        executor.host().set_installer_exit(1);
+        executor
+            .apply(
+                &plan(5, 1, "v1.31.4+k3s1", "10.0.0.11"),
+                &mut Recorder::default(),
+            )
+            .await
+            .unwrap_err();
+        let writes = executor.host().mutations().len();
+
+        // Pushed again after a reconnect: nothing before run-installer runs again.
+        executor.host().set_installer_exit(0);
+        let mut reporter = Recorder::default();
+        let applied = executor
+            .apply(&plan(6, 1, "v1.31.4+k3s1", "10.0.0.11"), &mut reporter)
+            .await
+            .unwrap();
+        assert_eq!(applied.ran, [Step::RunInstaller, Step::Start]);
+        assert_eq!(applied.revision, 6);
+        assert!(reporter.events.iter().all(|e| e.revision == 6));
+        assert_eq!(reporter.events[0].attempt, 2);
+        let mutations = executor.host().mutations();
+        assert!(
+            mutations[writes..].iter().all(|m| !m.starts_with("write ")),
+            "{mutations:?}"
+        );
+        let checkpoint = executor.checkpoint().unwrap().unwrap();
+        assert!(checkpoint.is_complete());
+        assert_eq!(checkpoint.plan.revision, 6);
+
+        // A different plan is not a continuation: it is compared with the host.
+        executor.host().set_installer_exit(1);
+        executor
+            .apply(
+                &plan(7, 2, "v1.31.4+k3s1", "10.0.0.11"),
+                &mut Recorder::default(),
+            )
+            .await
+            .unwrap_err();
+        executor.host().set_installer_exit(0);
+        let applied = executor
+            .apply(
+                &plan(8, 2, "v1.31.4+k3s1", "10.0.0.12"),
+                &mut Recorder::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            applied.ran,
+            [
+                Step::Preflight,
+                Step::WriteConfig,
+                Step::FetchInstaller,
+                Step::RunInstaller,
+                Step::Start
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,7 +32,8 @@
 //! 2. `schema` is `1`. Any other value is refused before anything else is read.
 //! 3. `revision` is the directive revision the coordinator built the plan for. The same plan
 //!    may be pushed again under a later directive revision (the coordinator re-pushes desired
-//!    state when a node says hello); the agent then tracks it under the directive's revision.
+//!    state when a node says hello); the agent then tracks it under the directive's revision,
+//!    and recognises it as the same work by its [`fingerprint`], which leaves `revision` out.
 //!    A plan revision above its directive's is refused. `role` (`"server"` or `"agent"`)
 //!    equals the `Assignment`'s `role`; a mismatch is refused.
 //! 4. `install_revision` (required): bump it to force a reinstall (installer fetched and run
@@ -87,6 +88,8 @@ const TOKEN_KEYS: &[&str] = &["token", "token-file", "agent-token", "agent-token
 const RESERVED_KEYS: &[&str] = &["config"];
 /// Fragments of a token shorter than this are not redacted on their own.
 const MIN_REDACTED_LEN: usize = 6;
+/// Prefixes what [`fingerprint`] hashes.
+const FINGERPRINT_DOMAIN: &[u8] = b"homelab-agent k3s plan fingerprint v1\0";
 
 /// Why a plan was refused.
 #[derive(Debug, thiserror::Error)]
@@ -444,14 +447,31 @@ impl InstallPlan {
                 .map(|(path, contents)| (*path, contents.as_deref())),
         )
     }
+
+    /// The plan's [`fingerprint`]: equal for the same plan pushed under another revision.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.spec, &self.config_hash())
+    }
 }
 
-/// Identifies a plan document regardless of its `revision`, so the same plan pushed again
-/// under a newer directive is recognised. `None` when it is not a JSON object.
-pub fn fingerprint(plan_json: &str) -> Option<String> {
-    let mut value: Value = serde_json::from_str(plan_json).ok()?;
-    value.as_object_mut()?.remove("revision");
-    Some(hex::encode(Sha256::digest(value.to_string().as_bytes())))
+/// Identifies the work a plan asks for regardless of its `revision` (rule 3), from what a
+/// checkpoint keeps of it: the spec and the hash of its files ([`InstallPlan::config_hash`]).
+/// No token goes in, only that files hash, which covers the token files: a changed token
+/// changes the fingerprint, and the fingerprint reveals nothing the checkpoint does not
+/// already hold. Domain-separated, so it equals no other hash the agent computes.
+pub fn fingerprint(spec: &PlanSpec, config_hash: &str) -> String {
+    let spec = PlanSpec {
+        revision: 0,
+        ..spec.clone()
+    };
+    // Invariant: a PlanSpec (plain fields, a map of strings to JSON values) always serializes.
+    let text = serde_json::to_vec(&spec).unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(FINGERPRINT_DOMAIN);
+    hasher.update((text.len() as u64).to_be_bytes());
+    hasher.update(&text);
+    hasher.update(config_hash.as_bytes());
+    hex::encode(hasher.finalize())
 }
 
 /// SHA-256 over paths and contents (or absence), lowercase hex.
@@ -843,15 +863,56 @@ mod tests {
         ));
         let pushed_again = InstallPlan::for_directive(9, "server", &text).unwrap();
         assert_eq!(pushed_again.spec.revision, 9);
-        let mut bumped = server_json();
-        bumped["revision"] = json!(9);
-        assert_eq!(fingerprint(&text), fingerprint(&bumped.to_string()));
-        bumped["install_revision"] = json!(2);
-        assert_ne!(fingerprint(&text), fingerprint(&bumped.to_string()));
         assert!(matches!(
             InstallPlan::for_directive(7, "agent", &text),
             Err(PlanError::RoleMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_the_revision_and_follows_everything_else_without_a_token() {
+        let fingerprint_of = |value: &Value| parse(value).unwrap().fingerprint();
+        let original = fingerprint_of(&server_json());
+        assert_eq!(original.len(), 64);
+        let mut bumped = server_json();
+        bumped["revision"] = json!(9);
+        assert_eq!(fingerprint_of(&bumped), original);
+        let pushed_again = InstallPlan::for_directive(9, "server", &server_json().to_string())
+            .unwrap()
+            .fingerprint();
+        assert_eq!(pushed_again, original);
+        // Key order in the document does not matter, only the plan.
+        let reordered = r#"{"config":{"disable":["traefik"],"tls-san":["10.0.0.10"],"node-name":"cp-1","cluster-init":true},"agent_token":"K10aaaabbbbccccdddd::node:agentpassword99","token":"s3cr3t-server-token-value","installer":{"url":"https://get.k3s.io"},"channel":"stable","version":"v1.31.4+k3s1","role":"server","install_revision":1,"revision":7,"schema":1}"#;
+        assert_eq!(
+            InstallPlan::parse(reordered).unwrap().fingerprint(),
+            original
+        );
+
+        let changes: Vec<(&str, Value)> = vec![
+            ("install_revision", json!(2)),
+            ("version", json!("v1.31.5+k3s1")),
+            ("installer", json!({"file": "/opt/install.sh"})),
+            ("token", json!("an-0ther-server-token-value")),
+            (
+                "agent_token",
+                json!("K10aaaabbbbccccdddd::node:otherpassword77"),
+            ),
+        ];
+        for (key, value) in changes {
+            let mut changed = server_json();
+            changed[key] = value;
+            assert_ne!(fingerprint_of(&changed), original, "{key}");
+        }
+        let mut changed = server_json();
+        changed["config"]["node-ip"] = json!("10.0.0.12");
+        assert_ne!(fingerprint_of(&changed), original, "config");
+        // Not a plain hash of anything token-derived the agent keeps.
+        let plan = parse(&server_json()).unwrap();
+        assert_ne!(original, plan.config_hash());
+        assert_ne!(
+            original,
+            hex::encode(Sha256::digest(SERVER_TOKEN.as_bytes()))
+        );
     }
 
     #[test]

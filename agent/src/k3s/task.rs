@@ -7,8 +7,11 @@
 //! 2. Assignments are applied one at a time. A newer one with a different plan stops the
 //!    current one before its next step; the stopped one is acknowledged as failed
 //!    ("superseded"), and the newer plan is compared with what is installed. The same plan
-//!    pushed again (after a reconnect) does not stop it; it is applied afterwards, which
-//!    changes nothing. Several waiting ones collapse into the newest.
+//!    (the same [`InstallPlan::fingerprint`]) pushed again, as the coordinator does at each
+//!    reconnect, does not stop it, whether it runs for a directive or was resumed from the
+//!    checkpoint; it is applied afterwards, which changes nothing. Several waiting ones
+//!    collapse into the newest: the others are acknowledged as superseded, except those with
+//!    the newest's plan, which are acknowledged with its outcome.
 //! 3. Each step's start and end is queued as a [`K3sEvent::Phase`]; the link sends the queue
 //!    on the current session, and after a reconnect resends the newest phase.
 //! 4. Each directive is acknowledged once ([`K3sEvent::Applied`]): ok when applied, failed with
@@ -44,7 +47,7 @@ use crate::{
         host::Host,
         install::{Executor, K3sInstallError, PhaseEvent, Reporter, Step, StepOutcome},
         ops::{self, Kubeconfig, Operation, OperationError},
-        plan::{self, InstallPlan, Role},
+        plan::{InstallPlan, Role},
         view::{self, ServerView},
     },
 };
@@ -167,11 +170,19 @@ impl K3sStatus {
     }
 }
 
-/// The newest revision handed to the task, and its plan's [`plan::fingerprint`].
+/// The newest revision handed to the task, and its plan's [`InstallPlan::fingerprint`]
+/// (`None` when the plan is refused).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Newest {
     revision: u64,
     fingerprint: Option<String>,
+}
+
+/// The fingerprint of a submission's plan; `None` when it is refused.
+fn fingerprint(submission: &Submission) -> Option<String> {
+    InstallPlan::for_directive(submission.revision, &submission.role, &submission.plan_json)
+        .ok()
+        .map(|plan| plan.fingerprint())
 }
 
 /// Shared between the handle (which sets it) and the running plan's reporter.
@@ -244,7 +255,7 @@ impl K3sHandle {
             if submission.revision > newest.revision {
                 *newest = Newest {
                     revision: submission.revision,
-                    fingerprint: plan::fingerprint(&submission.plan_json),
+                    fingerprint: fingerprint(&submission),
                 };
             }
         }
@@ -387,8 +398,8 @@ impl<H: Host + Clone + 'static> Task<H> {
             };
             match next {
                 Next::Apply(submission) => {
-                    let submission = self.newest(submission);
-                    self.handle(submission).await;
+                    let (submission, adopted) = self.newest(submission);
+                    self.handle(submission, &adopted).await;
                 }
                 Next::Operate(revision, operation) => self.operate(revision, operation).await,
                 Next::Refresh => {}
@@ -430,17 +441,28 @@ impl<H: Host + Clone + 'static> Task<H> {
         }
     }
 
-    /// Rule 2: of everything waiting, only the newest is applied.
-    fn newest(&mut self, mut current: Submission) -> Submission {
+    /// Rule 2: of everything waiting, only the newest is applied. Also returns the older
+    /// revisions of the same plan, in order, to acknowledge with it.
+    fn newest(&mut self, mut current: Submission) -> (Submission, Vec<u64>) {
+        let mut older = Vec::new();
         while let Ok(next) = self.inbox.try_recv() {
             if next.revision > current.revision {
-                self.supersede(current.revision, next.revision);
-                current = next;
+                older.push(std::mem::replace(&mut current, next));
             } else if next.revision < current.revision {
-                self.supersede(next.revision, current.revision);
+                older.push(next);
             }
         }
-        current
+        let plan = fingerprint(&current);
+        let mut adopted = Vec::new();
+        for submission in older {
+            if plan.is_some() && fingerprint(&submission) == plan {
+                adopted.push(submission.revision);
+            } else {
+                self.supersede(submission.revision, current.revision);
+            }
+        }
+        adopted.sort_unstable();
+        (current, adopted)
     }
 
     fn supersede(&self, revision: u64, by: u64) {
@@ -452,18 +474,23 @@ impl<H: Host + Clone + 'static> Task<H> {
         });
     }
 
-    /// Rule 1: finishes a plan left incomplete by a crash or reboot.
+    /// Rule 1: finishes a plan left incomplete by a crash or reboot. The checkpoint keeps no
+    /// token, but its fingerprint is the plan's, so the same plan pushed again meanwhile does
+    /// not stop it (rule 2).
     async fn resume(&mut self) {
         match self.executor.checkpoint() {
             Ok(Some(checkpoint)) if !checkpoint.is_complete() => {
-                self.apply(checkpoint.plan.revision, None, None).await;
+                let fingerprint = checkpoint.fingerprint();
+                self.apply(checkpoint.plan.revision, None, fingerprint, &[])
+                    .await;
             }
             Ok(_) => {}
             Err(e) => warn!("{}", crate::chain(&e)),
         }
     }
 
-    async fn handle(&mut self, submission: Submission) {
+    /// Applies `submission`, and acknowledges the `adopted` revisions (the same plan) with it.
+    async fn handle(&mut self, submission: Submission, adopted: &[u64]) {
         let revision = submission.revision;
         info!("applying revision {revision} (role {})", submission.role);
         let plan =
@@ -484,24 +511,26 @@ impl<H: Host + Clone + 'static> Task<H> {
                             message,
                         }));
                     }
-                    self.done(revision, Err(message));
+                    self.done(revision, adopted, Err(message));
                     return;
                 }
             };
         self.status.send_modify(|s| {
             s.role.get_or_insert(plan.spec.role);
         });
-        let fingerprint = plan::fingerprint(&submission.plan_json);
-        self.apply(revision, Some(&plan), fingerprint).await;
+        let fingerprint = plan.fingerprint();
+        self.apply(revision, Some(&plan), fingerprint, adopted)
+            .await;
     }
 
     /// Applies `plan`, or resumes the checkpoint when `None`, retrying transient failures
-    /// (rule 4), then acknowledges `revision`.
+    /// (rule 4), then acknowledges `revision` and the `adopted` ones.
     async fn apply(
         &mut self,
         revision: u64,
         plan: Option<&InstallPlan>,
-        fingerprint: Option<String>,
+        fingerprint: String,
+        adopted: &[u64],
     ) {
         let mut backoff = Backoff::with_jitter(RETRY_BASE, RETRY_CAP, rand::random::<f64>);
         for attempt in 1..=MAX_ATTEMPTS {
@@ -520,12 +549,15 @@ impl<H: Host + Clone + 'static> Task<H> {
                 Ok(applied) => {
                     let message =
                         applied.map_or_else(|| "nothing left to do".into(), |a| a.to_string());
-                    self.done(revision, Ok(message));
+                    self.done(revision, adopted, Ok(message));
                     return;
                 }
                 Err(K3sInstallError::Interrupted { next }) => {
                     info!("revision {revision} stopped before {next}");
-                    self.supersede(revision, newest(&self.newest_submitted).revision);
+                    let by = newest(&self.newest_submitted).revision;
+                    for &stopped in adopted.iter().chain([&revision]) {
+                        self.supersede(stopped, by);
+                    }
                     return;
                 }
                 Err(e) => e,
@@ -533,7 +565,7 @@ impl<H: Host + Clone + 'static> Task<H> {
             // Host output in errors is redacted by the executor; plan errors hold no token.
             let message = crate::chain(&error);
             if !error.is_transient() || attempt == MAX_ATTEMPTS {
-                self.done(revision, Err(message));
+                self.done(revision, adopted, Err(message));
                 return;
             }
             let delay = backoff.next_delay();
@@ -545,14 +577,27 @@ impl<H: Host + Clone + 'static> Task<H> {
                 submission = self.inbox.recv() => {
                     // A newer directive replaces the retry (rule 2).
                     self.waiting = submission;
-                    self.done(revision, Err(message));
+                    self.done(revision, adopted, Err(message));
                     return;
                 }
             }
         }
     }
 
-    fn done(&self, revision: u64, result: Result<String, String>) {
+    /// Acknowledges `revision` with `result`, after the `adopted` revisions of the same plan.
+    fn done(&self, revision: u64, adopted: &[u64], result: Result<String, String>) {
+        for &older in adopted {
+            let (ok, message) = match &result {
+                Ok(message) => (true, message),
+                Err(message) => (false, message),
+            };
+            info!("revision {older}: same plan as revision {revision}");
+            self.send(K3sEvent::Applied {
+                revision: older,
+                ok,
+                message: format!("same plan as revision {revision}: {message}"),
+            });
+        }
         let (ok, message) = match result {
             Ok(message) => {
                 info!("revision {revision} applied: {message}");
@@ -581,7 +626,7 @@ impl<H: Host + Clone + 'static> Task<H> {
         let _ = self.outbox.send(event);
     }
 
-    fn reporter(&self, revision: u64, fingerprint: Option<String>) -> TaskReporter {
+    fn reporter(&self, revision: u64, fingerprint: String) -> TaskReporter {
         TaskReporter {
             outbox: self.outbox.clone(),
             status: self.status.clone(),
@@ -674,8 +719,8 @@ struct TaskReporter {
     status: watch::Sender<K3sStatus>,
     newest_submitted: SharedNewest,
     revision: u64,
-    /// `None` for a plan resumed from the checkpoint: any newer directive stops it.
-    fingerprint: Option<String>,
+    /// The running plan's: a newer directive with the same plan does not stop it.
+    fingerprint: String,
 }
 
 impl Reporter for TaskReporter {
@@ -689,7 +734,7 @@ impl Reporter for TaskReporter {
     fn proceed(&mut self, _next: Step) -> bool {
         let newest = newest(&self.newest_submitted);
         newest.revision <= self.revision
-            || (self.fingerprint.is_some() && newest.fingerprint == self.fingerprint)
+            || newest.fingerprint.as_deref() == Some(self.fingerprint.as_str())
     }
 }
 
@@ -913,6 +958,152 @@ mod tests {
         assert_eq!(
             revision_5_steps,
             [Step::Preflight, Step::WriteConfig, Step::Start]
+        );
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plan_resumed_after_a_crash_is_not_superseded_by_the_same_plan_pushed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = FakeHost::default();
+        let mut handle = handle_on(dir.path(), host.clone());
+        handle.submit(submission(4, "10.0.0.1"));
+        loop {
+            if let K3sEvent::Phase(p) = next(&mut handle).await
+                && p.step == Step::RunInstaller
+                && p.outcome == StepOutcome::Started
+            {
+                break;
+            }
+        }
+        // The agent dies in the middle of run-installer.
+        handle.shutdown().await;
+        let executor = Executor::new(host.clone(), dir.path().to_owned(), Default::default());
+        let checkpoint = executor.checkpoint().unwrap().unwrap();
+        assert_eq!(
+            (checkpoint.last_completed, checkpoint.attempt),
+            (Some(Step::FetchInstaller), 1),
+            "stopped during run-installer"
+        );
+        assert_eq!(checkpoint.staged_tokens, None);
+        let writes = host.mutations();
+
+        // It starts again and resumes; the coordinator pushes the same plan at the reconnect,
+        // under a new revision, while the resumed run is in run-installer.
+        let mut handle = handle_on(dir.path(), host.clone());
+        let mut events = Vec::new();
+        loop {
+            let event = next(&mut handle).await;
+            let at_installer = matches!(&event, K3sEvent::Phase(p)
+                if p.step == Step::RunInstaller && p.outcome == StepOutcome::Started);
+            events.push(event);
+            if at_installer {
+                break;
+            }
+        }
+        assert!(handle.submit(submission(5, "10.0.0.1")));
+        loop {
+            let event = next(&mut handle).await;
+            let last = matches!(&event, K3sEvent::Applied { revision: 5, .. });
+            events.push(event);
+            if last {
+                break;
+            }
+        }
+        assert_eq!(acks(&events), [(4, true), (5, true)], "{events:?}");
+        let steps: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                K3sEvent::Phase(p) if p.outcome == StepOutcome::Succeeded => {
+                    Some((p.revision, p.step, p.attempt))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [(4, Step::RunInstaller, 2), (4, Step::Start, 1)],
+            "the remaining steps ran once, and revision 5 had nothing left to do"
+        );
+        let mutations = host.mutations();
+        let new = &mutations[writes.len()..];
+        assert_eq!(
+            new.iter()
+                .filter(|m| m.starts_with("run sh install.sh"))
+                .count(),
+            1,
+            "{new:?}"
+        );
+        assert!(!new.iter().any(|m| m.starts_with("write ")), "{new:?}");
+        let checkpoint = executor.checkpoint().unwrap().unwrap();
+        assert!(checkpoint.is_complete());
+        assert_eq!(checkpoint.plan.revision, 5);
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_plan_is_superseded_by_a_different_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = FakeHost::default();
+        let mut handle = handle_on(dir.path(), host.clone());
+        handle.submit(submission(4, "10.0.0.1"));
+        while !matches!(next(&mut handle).await, K3sEvent::Phase(p)
+            if p.step == Step::RunInstaller && p.outcome == StepOutcome::Started)
+        {}
+        handle.shutdown().await;
+
+        let mut handle = handle_on(dir.path(), host);
+        handle.submit(submission(5, "10.0.0.2"));
+        let mut events = Vec::new();
+        while !matches!(events.last(), Some(K3sEvent::Applied { revision: 5, .. })) {
+            events.push(next(&mut handle).await);
+        }
+        assert_eq!(acks(&events), [(4, false), (5, true)], "{events:?}");
+        handle.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_copies_of_the_same_plan_are_acknowledged_with_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = handle(dir.path());
+        for (revision, ip) in [
+            (4, "10.0.0.1"),
+            (5, "10.0.0.2"),
+            (6, "10.0.0.1"),
+            (7, "10.0.0.2"),
+        ] {
+            handle.submit(submission(revision, ip));
+        }
+        let mut events = Vec::new();
+        while !matches!(events.last(), Some(K3sEvent::Applied { revision: 7, .. })) {
+            events.push(next(&mut handle).await);
+        }
+        // 4 may have started before the others arrived; 6 is superseded by 7, and 5, the same
+        // plan as 7, is acknowledged with it.
+        let acks = acks(&events);
+        assert_eq!(
+            acks[acks.len() - 3..],
+            [(6, false), (5, true), (7, true)],
+            "{events:?}"
+        );
+        assert!(
+            acks.iter()
+                .filter(|(_, ok)| !ok)
+                .all(|(r, _)| [4, 6].contains(r))
+        );
+        let adopted = events.iter().find_map(|e| match e {
+            K3sEvent::Applied {
+                revision: 5,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => None,
+        });
+        assert!(
+            adopted
+                .as_deref()
+                .is_some_and(|m| m.starts_with("same plan as revision 7: ")),
+            "{adopted:?}"
         );
         handle.shutdown().await;
     }
