@@ -318,7 +318,9 @@ async fn run_cleared(command: &HostCommand, path_env: &str) -> Result<CommandOut
         program: command.program.clone(),
         source,
     };
-    let child = spawn_retrying_busy(&mut process).await.map_err(spawn_error)?;
+    let child = spawn_retrying_busy(&mut process)
+        .await
+        .map_err(spawn_error)?;
     let output = tokio::time::timeout(command.timeout, child.wait_with_output())
         .await
         .map_err(|_| HostError::Timeout {
