@@ -11,7 +11,7 @@
 //! 4. Every state change is written to the database before it is announced as an event.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -473,17 +473,10 @@ impl Coordinator {
     pub fn attach(&self, node: &NodeName, facts: &Facts) -> Result<Session, LinkError> {
         // A template cloned without a reset machine-id gives two nodes one identity: DHCP
         // leases, journald and K3s all get confused. Refuse the second one by name.
-        let twin = {
-            let store = self.store();
-            store.nodes()?.into_iter().find(|other| {
-                other.name != node.as_str()
-                    && other.state == NodeState::Enrolled
-                    && other.facts.as_ref().is_some_and(|f| {
-                        (!facts.machine_id.is_empty() && f.machine_id == facts.machine_id)
-                            || (!facts.hostname.is_empty() && f.hostname == facts.hostname)
-                    })
-            })
-        };
+        // An indexed lookup: a scan of every node here made connecting N agents O(N²).
+        let twin = self
+            .store()
+            .enrolled_twin(node.as_str(), &facts.machine_id, &facts.hostname)?;
         if let Some(twin) = twin {
             let what = if twin
                 .facts
@@ -559,8 +552,8 @@ impl Coordinator {
         self.sessions().keys().any(|n| n.as_str() == node)
     }
 
-    /// Names of the nodes with a session now.
-    pub fn connected_nodes(&self) -> Vec<String> {
+    /// Names of the nodes with a session now. A set: callers test membership for every node.
+    pub fn connected_nodes(&self) -> HashSet<String> {
         self.sessions().keys().map(|n| n.to_string()).collect()
     }
 
@@ -668,7 +661,7 @@ impl Coordinator {
     pub fn report_health(&self, node: &NodeName, health: HealthRecord) -> Result<(), LinkError> {
         let changed = {
             let mut store = self.store();
-            let previous = store.node(node.as_str())?.and_then(|n| n.last_health);
+            let previous = store.last_health(node.as_str())?;
             store.set_last_health(node.as_str(), &health, now_unix())?;
             previous.is_none_or(|p| p.healthy != health.healthy || p.detail != health.detail)
         };

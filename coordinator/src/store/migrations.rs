@@ -65,6 +65,10 @@ const MIGRATIONS: &[&str] = &[
         assigned_at INTEGER NOT NULL
     );
     ALTER TABLE nodes ADD COLUMN k3s_ready INTEGER NOT NULL DEFAULT 0;",
+    // 3: a node that says hello is checked against every other node's machine-id and
+    // hostname; these indexes keep that check from scanning all nodes.
+    "CREATE INDEX nodes_machine_id ON nodes (json_extract(facts_json, '$.machine_id'));
+    CREATE INDEX nodes_hostname ON nodes (json_extract(facts_json, '$.hostname'));",
 ];
 
 /// The schema version this build writes.

@@ -447,11 +447,23 @@ impl Store {
         health: &HealthRecord,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE nodes SET last_health_json = ?2, last_seen = ?3 WHERE name = ?1",
-            params![node, to_json(health), now],
-        )?;
+        // Every agent reports periodically: keep the statement prepared.
+        self.conn
+            .prepare_cached(
+                "UPDATE nodes SET last_health_json = ?2, last_seen = ?3 WHERE name = ?1",
+            )?
+            .execute(params![node, to_json(health), now])?;
         Ok(())
+    }
+
+    /// A node's newest health report alone; `None` if it has none or does not exist.
+    pub fn last_health(&self, node: &str) -> Result<Option<HealthRecord>, StoreError> {
+        let json: Option<Option<String>> = self
+            .conn
+            .prepare_cached("SELECT last_health_json FROM nodes WHERE name = ?1")?
+            .query_row([node], |r| r.get(0))
+            .optional()?;
+        from_json(json.flatten(), "nodes.last_health_json")
     }
 
     /// One node with its newest certificate.
@@ -472,6 +484,24 @@ impl Store {
             .query_map([], node_from_row)?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(NodeRow::into_record).collect()
+    }
+
+    /// The first enrolled node, by name, other than `node` whose stored facts have this
+    /// machine-id or this hostname; an empty value matches nothing. Indexed (migration 3).
+    pub fn enrolled_twin(
+        &self,
+        node: &str,
+        machine_id: &str,
+        hostname: &str,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(TWIN_SELECT)?;
+        let name: Option<String> = stmt
+            .query_row(params![node, machine_id, hostname], |r| r.get(0))
+            .optional()?;
+        match name {
+            Some(name) => self.node(&name),
+            None => Ok(None),
+        }
     }
 
     // ---- the K3s cluster ----------------------------------------------------------------
@@ -709,6 +739,13 @@ fn cluster_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRecord> {
     })
 }
 
+/// Used by [`Store::enrolled_twin`]; both lookups are served by the indexes of migration 3.
+const TWIN_SELECT: &str = "SELECT name FROM nodes
+    WHERE name <> ?1 AND state = 'enrolled'
+      AND ((?2 <> '' AND json_extract(facts_json, '$.machine_id') = ?2)
+        OR (?3 <> '' AND json_extract(facts_json, '$.hostname') = ?3))
+    ORDER BY name LIMIT 1";
+
 const NODE_SELECT: &str = "SELECT n.name, n.state, n.facts_json, n.created_at, n.enrolled_at,
         n.last_seen, c.serial, c.not_after, n.last_phase_json, n.last_health_json, n.k3s_ready
     FROM nodes n
@@ -941,6 +978,54 @@ mod tests {
         let n1 = store.events_after(a.id, Some("n1"), 100).unwrap();
         assert_eq!(n1.len(), 1);
         assert_eq!(n1[0].kind, "node.connected");
+    }
+
+    #[test]
+    fn twins_are_found_by_machine_id_or_hostname_through_the_index() {
+        let mut store = Store::open_in_memory().unwrap();
+        let enroll = |store: &mut Store, name: &str, machine_id: &str, hostname: &str| {
+            let facts = Facts {
+                hostname: hostname.into(),
+                machine_id: machine_id.into(),
+                ..Facts::default()
+            };
+            store.insert_token(name, name, 1, 1000).unwrap();
+            store
+                .complete_enrollment(name, name, &facts, name, 1000, 2)
+                .unwrap();
+        };
+        enroll(&mut store, "a", "m-a", "h-a");
+        enroll(&mut store, "b", "m-b", "");
+        let twin = |store: &Store, node: &str, m: &str, h: &str| {
+            store.enrolled_twin(node, m, h).unwrap().map(|n| n.name)
+        };
+        assert_eq!(twin(&store, "c", "m-a", "x").as_deref(), Some("a"));
+        assert_eq!(twin(&store, "c", "x", "h-a").as_deref(), Some("a"));
+        assert_eq!(
+            twin(&store, "a", "m-a", "h-a"),
+            None,
+            "a node is not its own twin"
+        );
+        assert_eq!(twin(&store, "c", "", ""), None, "empty facts match nothing");
+        store.revoke_node("a", 3).unwrap();
+        assert_eq!(
+            twin(&store, "c", "m-a", "h-a"),
+            None,
+            "only enrolled nodes count"
+        );
+        let plan: Vec<String> = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {TWIN_SELECT}"))
+            .unwrap()
+            .query_map(params!["c", "x", "y"], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("nodes_machine_id") && plan.contains("nodes_hostname"),
+            "{plan}"
+        );
     }
 
     #[test]
