@@ -220,9 +220,9 @@ async fn serve(
                         return Ok(SessionEnd::Renewed(renewed));
                     }
                     Some(Down::Directive(directive)) => {
-                        let revision = directive.revision;
-                        match directive.kind {
-                            Some(pb::directive::Kind::RenewCertificate(_)) => {
+                        let (revision, request) = read_directive(directive);
+                        match request {
+                            Request::RenewCertificate => {
                                 info!("coordinator asked for renewal (revision {revision})");
                                 if pending.is_none() {
                                     let key = PendingKey::generate(&config.node_name)?;
@@ -233,38 +233,32 @@ async fn serve(
                                 }
                                 ack(tx, &config.state_dir, revision, true, "renewal requested").await?;
                             }
-                            Some(pb::directive::Kind::Assignment(assignment)) => {
-                                info!("assigned role {:?} (revision {revision})", assignment.role);
+                            Request::Assign(submission) => {
+                                info!("assigned role {:?} (revision {revision})", submission.role);
                                 // Acknowledged when the K3s task has applied it (rule 6).
-                                let submitted = k3s.submit(Submission {
-                                    revision,
-                                    role: assignment.role,
-                                    plan_json: assignment.plan_json,
-                                });
-                                if !submitted {
+                                if !k3s.submit(submission) {
                                     ack(tx, &config.state_dir, revision, false, "the K3s task has stopped; restart the agent").await?;
                                 }
                             }
-                            Some(pb::directive::Kind::FetchKubeconfig(_)) => {
+                            Request::FetchKubeconfig => {
                                 info!("asked for the admin kubeconfig (revision {revision})");
                                 operate(k3s, tx, &config.state_dir, revision, Ok(Operation::FetchKubeconfig)).await?;
                             }
-                            Some(pb::directive::Kind::Kubectl(kubectl)) => {
-                                info!("asked to run kubectl on {:?} (revision {revision})", kubectl.node);
-                                let operation = kubectl_command(&kubectl).map(Operation::Kubectl);
-                                operate(k3s, tx, &config.state_dir, revision, operation).await?;
+                            Request::Kubectl { node, command } => {
+                                info!("asked to run kubectl on {node:?} (revision {revision})");
+                                operate(k3s, tx, &config.state_dir, revision, command.map(Operation::Kubectl)).await?;
                             }
-                            Some(pb::directive::Kind::Uninstall(_)) => {
+                            Request::Uninstall => {
                                 warn!("asked to uninstall K3s (revision {revision})");
                                 operate(k3s, tx, &config.state_dir, revision, Ok(Operation::Uninstall)).await?;
                             }
-                            Some(pb::directive::Kind::Decommission(d)) => {
-                                warn!("decommissioned by the coordinator: {}", d.reason);
+                            Request::Decommission { reason } => {
+                                warn!("decommissioned by the coordinator: {reason}");
                                 ack(tx, &config.state_dir, revision, true, "decommissioned").await?;
                                 store.forget()?;
                                 return Ok(SessionEnd::Decommissioned);
                             }
-                            None => {
+                            Request::Unknown => {
                                 warn!("directive {revision} has no kind this agent knows; upgrade the agent");
                                 ack(tx, &config.state_dir, revision, false, "unknown directive").await?;
                             }
@@ -312,6 +306,54 @@ async fn serve(
             }
         }
     }
+}
+
+/// A directive as this agent reads it, before the session acts on it.
+#[derive(Debug)]
+pub enum Request {
+    /// Renew the certificate now (rule 4).
+    RenewCertificate,
+    /// A K3s role and its install plan, for the K3s task (rule 6). The plan is parsed there,
+    /// with [`crate::k3s::InstallPlan::for_directive`].
+    Assign(Submission),
+    /// Hand over the admin kubeconfig (rule 7).
+    FetchKubeconfig,
+    /// Run kubectl against `node` (rule 7), or why the directive cannot be run.
+    Kubectl {
+        node: String,
+        command: Result<KubectlCommand, OperationError>,
+    },
+    /// Uninstall K3s (rule 7).
+    Uninstall,
+    /// Forget the identity and stop.
+    Decommission { reason: String },
+    /// A kind this agent does not know; it is acknowledged as failed.
+    Unknown,
+}
+
+/// Reads a directive from the coordinator: its revision and what it asks for. Touches
+/// nothing, so any directive, however malformed, can be read (the fuzz target
+/// `agent_directive` feeds it arbitrary bytes).
+pub fn read_directive(directive: pb::Directive) -> (u64, Request) {
+    use pb::directive::Kind;
+    let revision = directive.revision;
+    let request = match directive.kind {
+        Some(Kind::RenewCertificate(_)) => Request::RenewCertificate,
+        Some(Kind::Assignment(assignment)) => Request::Assign(Submission {
+            revision,
+            role: assignment.role,
+            plan_json: assignment.plan_json,
+        }),
+        Some(Kind::FetchKubeconfig(_)) => Request::FetchKubeconfig,
+        Some(Kind::Kubectl(kubectl)) => Request::Kubectl {
+            command: kubectl_command(&kubectl),
+            node: kubectl.node,
+        },
+        Some(Kind::Uninstall(_)) => Request::Uninstall,
+        Some(Kind::Decommission(d)) => Request::Decommission { reason: d.reason },
+        None => Request::Unknown,
+    };
+    (revision, request)
 }
 
 /// Hands an operation to the K3s task, which acknowledges it when done (rule 7); one that
@@ -485,4 +527,85 @@ fn read_applied_revision(state_dir: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(revision: u64, kind: pb::directive::Kind) -> (u64, Request) {
+        read_directive(pb::Directive {
+            revision,
+            kind: Some(kind),
+        })
+    }
+
+    #[test]
+    fn an_assignment_keeps_its_revision_role_and_plan() {
+        let (revision, request) = read(
+            7,
+            pb::directive::Kind::Assignment(pb::Assignment {
+                role: "server".into(),
+                plan_json: "{}".into(),
+            }),
+        );
+        assert_eq!(revision, 7);
+        let Request::Assign(submission) = request else {
+            panic!("{request:?}");
+        };
+        assert_eq!(
+            (
+                submission.revision,
+                submission.role.as_str(),
+                submission.plan_json.as_str()
+            ),
+            (7, "server", "{}")
+        );
+    }
+
+    #[test]
+    fn a_kubectl_directive_this_agent_cannot_run_is_read_as_an_error() {
+        let (_, request) = read(
+            3,
+            pb::directive::Kind::Kubectl(pb::Kubectl {
+                action: 99,
+                node: "k3s-node-1".into(),
+                timeout_seconds: 0,
+            }),
+        );
+        let Request::Kubectl { node, command } = request else {
+            panic!("{request:?}");
+        };
+        assert_eq!(node, "k3s-node-1");
+        assert!(matches!(
+            command,
+            Err(OperationError::UnknownAction { action: 99 })
+        ));
+
+        let (_, request) = read(
+            4,
+            pb::directive::Kind::Kubectl(pb::Kubectl {
+                action: pb::kubectl::Action::Drain as i32,
+                node: "Not A Name".into(),
+                timeout_seconds: 0,
+            }),
+        );
+        assert!(matches!(
+            request,
+            Request::Kubectl {
+                command: Err(OperationError::BadNodeName { .. }),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_directive_without_a_kind_is_unknown() {
+        let (revision, request) = read_directive(pb::Directive {
+            revision: 5,
+            kind: None,
+        });
+        assert_eq!(revision, 5);
+        assert!(matches!(request, Request::Unknown));
+    }
 }

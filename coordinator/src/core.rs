@@ -37,6 +37,11 @@ pub struct Settings {
     pub node_cert_lifetime: Duration,
     /// How often agents send unsolicited health reports.
     pub health_interval: Duration,
+    /// How long a connection has to complete its TLS handshake before the server closes it.
+    pub tls_handshake_timeout: Duration,
+    /// Connections served at once, TLS handshakes in progress included; connections beyond
+    /// it are closed as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Settings {
@@ -44,6 +49,8 @@ impl Default for Settings {
         Self {
             node_cert_lifetime: crate::pki::DEFAULT_NODE_CERT_LIFETIME,
             health_interval: Duration::from_secs(30),
+            tls_handshake_timeout: crate::grpc::DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            max_connections: crate::grpc::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

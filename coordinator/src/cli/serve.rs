@@ -27,6 +27,15 @@ pub struct Args {
     /// How often agents send unsolicited health reports.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     health_interval: Duration,
+
+    /// How long a connection has to complete its TLS handshake before it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    tls_handshake_timeout: Duration,
+
+    /// Connections served at once, TLS handshakes included; more are closed on accept. Each
+    /// takes a file descriptor: keep the open-files limit above it.
+    #[arg(long, default_value_t = grpc::DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections)]
+    max_connections: usize,
 }
 
 pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -36,8 +45,17 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let settings = Settings {
         node_cert_lifetime: args.node_cert_ttl,
         health_interval: args.health_interval,
+        tls_handshake_timeout: args.tls_handshake_timeout,
+        max_connections: args.max_connections,
     };
     serve_state_dir(&ctx.state, listener, settings, shutdown_signal()).await
+}
+
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("{text:?} is not a positive number of connections")),
+        Ok(n) => Ok(n),
+    }
 }
 
 /// Serves the coordinator of `state` on `listener` until `shutdown`, recording the address

@@ -139,6 +139,13 @@ async fn run_session(
                     }
                 },
                 Ok(None) => break None,
+                // A message over the decoding limit: bad input like the messages above, so
+                // the agent hears why (tonic says OUT_OF_RANGE, naming both sizes).
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    warn!(node = %node, %status, "link ended on a message over the size limit");
+                    core.event(node.as_str(), "node.bad_message", status.message());
+                    break Some(status);
+                }
                 Err(status) => {
                     debug!(node = %node, %status, "link read ended");
                     break None;

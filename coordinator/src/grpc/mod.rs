@@ -6,6 +6,7 @@
 //! delegate to [`crate::core::Coordinator`], and map domain errors to a status in one place
 //! ([`errors`]).
 
+mod accept;
 mod admin;
 mod auth;
 mod convert;
@@ -21,7 +22,6 @@ use homelab_proto::v1::{
     enrollment_server::EnrollmentServer, status_server::StatusServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
@@ -35,9 +35,13 @@ use crate::{
 /// anything near this limit is a mistake or an attack. tonic refuses a larger message with
 /// OUT_OF_RANGE, naming both sizes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// A TLS handshake that has not completed in this time is dropped, so half-open and slow
-/// connections cannot pile up.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default time a connection has to complete its TLS handshake before it is closed, so
+/// half-open and slow connections cannot pile up. A real client needs one round trip or two.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default number of connections served at once, handshakes in progress included:
+/// room for a fleet of 10,000 agents plus operators and reconnect overlap. Each one needs a
+/// file descriptor, so the daemon's `RLIMIT_NOFILE` must be above it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// HTTP/2 pings keep idle links alive through NAT and detect dead peers.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,7 +86,9 @@ impl TlsMaterial {
 }
 
 /// Serves every coordinator service on `listener` until `shutdown` resolves, then ends the
-/// long-lived streams and drains connections for at most [`DRAIN_GRACE`].
+/// long-lived streams and drains connections for at most [`DRAIN_GRACE`]. The connection
+/// limit and the TLS handshake timeout come from the coordinator's
+/// [`Settings`](crate::core::Settings); see [`accept`] for how connections are admitted.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsMaterial,
@@ -97,7 +103,7 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(&tls.ca_cert_pem))
         // Enrollment callers have no certificate yet; every other service demands one.
         .client_auth_optional(true)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+        .timeout(core.settings().tls_handshake_timeout);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -134,15 +140,14 @@ pub async fn serve(
     );
 
     let local = listener.local_addr().ok();
-    // Small gRPC frames must not wait for delayed ACKs (Nagle): without this, a response
-    // larger than one segment can stall for 40 ms.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    });
-    info!(address = ?local, "coordinator serving");
+    let max_connections = core.settings().max_connections;
+    let incoming = accept::admit(listener, max_connections);
+    info!(
+        address = ?local,
+        max_connections,
+        tls_handshake_timeout = ?core.settings().tls_handshake_timeout,
+        "coordinator serving"
+    );
     let signal_core = core.clone();
     let signal = async move {
         shutdown.await;

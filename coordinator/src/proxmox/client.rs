@@ -240,57 +240,11 @@ impl Client {
                 path: path.to_owned(),
                 source,
             })?;
-        let json: Option<Value> = serde_json::from_slice(&body).ok();
         if status == StatusCode::UNAUTHORIZED {
             // A ticket may have expired: fetch a new one on the next call.
             *self.ticket.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
-        if !status.is_success() {
-            let message = json
-                .as_ref()
-                .and_then(|j| j.get("message"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .filter(|m| !m.trim().is_empty())
-                .or_else(|| Some(reason.clone()).filter(|r| !r.is_empty()))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
-            let errors: BTreeMap<String, String> = json
-                .as_ref()
-                .and_then(|j| j.get("errors"))
-                .and_then(Value::as_object)
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| {
-                            let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-                            (k.clone(), text.trim_end().to_owned())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let kind = classify(status.as_u16(), &message);
-            debug!(%method, path, status = status.as_u16(), message, "Proxmox error");
-            return Err(ProxmoxError::Api {
-                method: method.to_string(),
-                path: path.to_owned(),
-                status: status.as_u16(),
-                message: message.trim_end().to_owned(),
-                errors,
-                kind,
-            });
-        }
-        let json = json.ok_or_else(|| ProxmoxError::Decode {
-            method: method.to_string(),
-            path: path.to_owned(),
-            detail: "the body is not JSON".into(),
-        })?;
-        match json {
-            Value::Object(mut o) => Ok(o.remove("data").unwrap_or(Value::Null)),
-            _ => Err(ProxmoxError::Decode {
-                method: method.to_string(),
-                path: path.to_owned(),
-                detail: "the body is not a {\"data\": …} envelope".into(),
-            }),
-        }
+        decode_response(method, path, status, &reason, &body)
     }
 
     /// The fingerprint of a certificate the verifier rejected, if that is why `error` happened.
@@ -361,6 +315,66 @@ impl Client {
     }
 }
 
+/// Reads a Proxmox answer: the `data` of a `{"data": …}` envelope on success, the error
+/// either shape carries (`message` and per-parameter `errors`, else the reason phrase, else
+/// the body) on failure. Pure, so it takes any bytes (the fuzz target `proxmox_response`
+/// feeds it arbitrary ones).
+pub fn decode_response(
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    reason: &str,
+    body: &[u8],
+) -> Result<Value, ProxmoxError> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if !status.is_success() {
+        let message = json
+            .as_ref()
+            .and_then(|j| j.get("message"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .filter(|m| !m.trim().is_empty())
+            .or_else(|| Some(reason.to_owned()).filter(|r| !r.is_empty()))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+        let errors: BTreeMap<String, String> = json
+            .as_ref()
+            .and_then(|j| j.get("errors"))
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                        (k.clone(), text.trim_end().to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kind = classify(status.as_u16(), &message);
+        debug!(%method, path, status = status.as_u16(), message, "Proxmox error");
+        return Err(ProxmoxError::Api {
+            method: method.to_string(),
+            path: path.to_owned(),
+            status: status.as_u16(),
+            message: message.trim_end().to_owned(),
+            errors,
+            kind,
+        });
+    }
+    let json = json.ok_or_else(|| ProxmoxError::Decode {
+        method: method.to_string(),
+        path: path.to_owned(),
+        detail: "the body is not JSON".into(),
+    })?;
+    match json {
+        Value::Object(mut o) => Ok(o.remove("data").unwrap_or(Value::Null)),
+        _ => Err(ProxmoxError::Decode {
+            method: method.to_string(),
+            path: path.to_owned(),
+            detail: "the body is not a {\"data\": …} envelope".into(),
+        }),
+    }
+}
+
 /// Percent-encodes one path segment (a UPID, a volume id).
 pub fn segment(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
@@ -370,5 +384,71 @@ impl ApiErrorKind {
     /// Whether this is a validation error.
     pub fn is_invalid(self) -> bool {
         self == Self::Invalid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(status: u16, reason: &str, body: &str) -> Result<Value, ProxmoxError> {
+        decode_response(
+            &Method::GET,
+            "/test",
+            StatusCode::from_u16(status).unwrap(),
+            reason,
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn success_takes_data_out_of_the_envelope() {
+        assert_eq!(decode(200, "OK", r#"{"data":"102"}"#).unwrap(), "102");
+        assert_eq!(decode(200, "OK", r#"{}"#).unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn a_success_that_is_not_an_envelope_is_a_decode_error() {
+        for body in ["", "<html></html>", "[1,2]", "\"text\"", "{\"data\":"] {
+            let err = decode(200, "OK", body).unwrap_err();
+            assert!(
+                matches!(err, ProxmoxError::Decode { .. }),
+                "{body:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_take_the_message_then_the_reason_then_the_body() {
+        let with_message = decode(
+            500,
+            "",
+            r#"{"data":null,"message":"VM 101 is locked (clone)\n"}"#,
+        );
+        let Err(ProxmoxError::Api { message, kind, .. }) = with_message else {
+            panic!("{with_message:?}");
+        };
+        assert_eq!(message, "VM 101 is locked (clone)");
+        assert_eq!(kind, ApiErrorKind::Locked);
+
+        let Err(ProxmoxError::Api {
+            message, errors, ..
+        }) = decode(
+            400,
+            "Parameter verification failed.",
+            r#"{"data":null,"errors":{"vmid":"value must be at least 100\n","n":1}}"#,
+        )
+        else {
+            panic!("a 400 is an API error");
+        };
+        assert_eq!(message, "Parameter verification failed.");
+        assert_eq!(errors["vmid"], "value must be at least 100");
+        assert_eq!(errors["n"], "1");
+
+        let Err(ProxmoxError::Api { message, .. }) = decode(502, "", " <h1>Bad Gateway</h1>\n")
+        else {
+            panic!("a 502 is an API error");
+        };
+        assert_eq!(message, "<h1>Bad Gateway</h1>");
     }
 }
