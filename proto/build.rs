@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // No generated `connect` constructors: every client builds its own mTLS channel, and
         // the constructor would clash with the `AgentLink.Connect` method.
         .build_transport(false)
+        // prost with smaller per-call buffers: see src/codec.rs.
+        .codec_path("crate::codec::HomelabCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -4,6 +4,9 @@
 //! - `homelab/v1/homelab.proto`: the services `Enrollment`, `AgentLink`, `Status` and `Admin`.
 //! - [`v1`]: the code that `tonic-prost-build` generates from it at build time.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`codec`]: the codec of the generated code (prost with smaller stream buffers).
+
+pub mod codec;
 
 /// Generated messages, clients and servers of `homelab.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
