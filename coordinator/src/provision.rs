@@ -42,6 +42,11 @@ pub const SEED_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// 10 s lock timeout, so more only produce lock errors.
 const CLONE_CONCURRENCY: usize = 2;
 
+/// How often a task's status is polled at first (backing off to 4× this). Each VM waits on a
+/// clone, an upload and a start in sequence, and every wait ends at the first poll after the
+/// task: at the client's default of 500 ms (up to 2 s) that added about 1.3 s per VM.
+const TASK_POLL: Duration = Duration::from_millis(250);
+
 /// Deadlines of the long steps.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -273,14 +278,16 @@ pub fn client_for(spec: &Spec, spec_dir: &Path) -> Result<ClientConfig, Provisio
     } else {
         Trust::Unconfigured
     };
-    Ok(ClientConfig::new(
+    let mut config = ClientConfig::new(
         spec.proxmox.endpoint.get_ref().clone(),
         Auth::Token {
             id: spec.proxmox.token_id.get_ref().clone(),
             secret: Secret::new(secret.trim()),
         },
         trust,
-    ))
+    );
+    config.task_poll = TASK_POLL;
+    Ok(config)
 }
 
 impl Provisioner {

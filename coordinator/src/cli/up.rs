@@ -29,7 +29,7 @@ use super::{
 use crate::{
     core::Settings,
     orchestrate::ClusterSettings,
-    provision::{Action, Progress},
+    provision::{Action, Plan, Progress, ProvisionError},
     spec::Spec,
     state_dir::StateDirError,
 };
@@ -95,7 +95,13 @@ pub(super) async fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let (stop, stopped) = oneshot::channel::<()>();
         let state = ctx.state.clone();
         let task = tokio::spawn(async move {
-            super::serve::serve_state_dir(&state, listener, Settings::default(), async {
+            // Agents ask K3s for its state on each health tick, and a worker is Ready only
+            // once a server's report says so: a short interval while `up` watches.
+            let settings = Settings {
+                health_interval: UP_HEALTH_INTERVAL,
+                ..Settings::default()
+            };
+            super::serve::serve_state_dir(&state, listener, settings, async {
                 let _ = stopped.await;
             })
             .await
@@ -142,8 +148,14 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
         .get("flannel-backend")
         .and_then(toml::Value::as_str)
         == Some("none");
+    // A node whose install is still at a step is not done even if a server already sees it
+    // Ready: its own reports until the step ends can still say NotReady.
     let done = |n: &pb::Node| {
-        n.ready
+        let installing = n
+            .last_phase
+            .as_ref()
+            .is_some_and(|p| p.phase == "install" && p.outcome == pb::StepOutcome::Started as i32);
+        (n.ready && !installing)
             || (waits_for_cni
                 && n.last_phase.as_ref().is_some_and(|p| {
                     p.phase == "install"
@@ -175,6 +187,9 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
     if ctx.output == OutputFormat::Table {
         println!();
     }
+    // The K3s side follows the spec from the start, as with `apply`: a node that calls home
+    // gets its role at once, without waiting for the other VMs to be created.
+    record_desired_cluster(op_ctx, &args.spec).await?;
 
     let mut display = Display::new(ctx.output, &desired);
     if waits_for_cni {
@@ -189,7 +204,6 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
     };
     if applying.is_none() {
         display.applied();
-        record_desired_cluster(op_ctx, &args.spec).await?;
     }
     // The timeout counts from when every VM runs: provisioning has its own limits.
     let mut deadline = applying
@@ -201,9 +215,28 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
     // The coordinator's records decide when every node is done. The events saying so follow
     // right after: wait briefly for them, so the progress shown ends where the cluster is.
     let mut settled: Option<tokio::time::Instant> = None;
+    // Removing the seeds of enrolled nodes, started as soon as every node's agent is connected
+    // (its seed, which held its one-time token, is no longer needed), while the installs run.
+    let mut cleanup: Option<tokio::task::JoinHandle<Result<Plan, ProvisionError>>> = None;
     let outcome: anyhow::Result<()> = loop {
         if check && applying.is_none() {
             let nodes = list(op_ctx).await?;
+            if cleanup.is_none()
+                && wanted.iter().all(|name| {
+                    nodes.iter().any(|n| {
+                        &n.name == name && n.state == pb::NodeState::Enrolled as i32 && n.connected
+                    })
+                })
+            {
+                let provisioner = Arc::clone(&provisioner);
+                cleanup = Some(tokio::spawn(async move {
+                    let plan = provisioner.plan().await?;
+                    if !plan.is_noop() {
+                        provisioner.apply(&plan).await?;
+                    }
+                    Ok(plan)
+                }));
+            }
             if wanted
                 .iter()
                 .all(|name| nodes.iter().any(|n| &n.name == name && done(n)))
@@ -231,9 +264,6 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
                     display.vm(&p);
                 }
                 display.applied();
-                if let Err(e) = record_desired_cluster(op_ctx, &args.spec).await {
-                    break Err(e);
-                }
                 deadline = Some(tokio::time::Instant::now() + args.timeout);
                 check = true;
             }
@@ -271,6 +301,15 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
             _ = redraw.tick() => display.tick(),
         }
     };
+    // A seed removal under way finishes either way: stopping it halfway would leave a
+    // detached seed volume behind.
+    let cleaned = match cleanup {
+        Some(task) => Some(
+            task.await
+                .map_err(|e| anyhow::anyhow!("the seed removal task failed: {e}")),
+        ),
+        None => None,
+    };
     if outcome.is_err() {
         display.finish();
         return outcome;
@@ -278,9 +317,17 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
     display.finish();
 
     // Every node has enrolled: their seeds, which held their one-time tokens, can go.
-    let cleanup = provisioner.plan().await?;
+    let cleanup = match cleaned {
+        Some(done) => done??,
+        None => {
+            let plan = provisioner.plan().await?;
+            if !plan.is_noop() {
+                provisioner.apply(&plan).await?;
+            }
+            plan
+        }
+    };
     if !cleanup.is_noop() {
-        provisioner.apply(&cleanup).await?;
         let removed = cleanup
             .vms
             .iter()
@@ -351,6 +398,11 @@ async fn bring_up(ctx: &Context, op_ctx: &Context, args: &Args, spec: &Spec) -> 
     }
     Ok(())
 }
+
+/// The health interval of the coordinator `up` runs in its own process. A worker is Ready once
+/// a server's report says so, and agents read K3s's state again on each tick, so the
+/// interval bounds how late `up` sees a node Ready. (`homelab serve` defaults to 30 s.)
+const UP_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long `up` waits, once the coordinator has every node done, for the events that say so.
 const SETTLE: Duration = Duration::from_secs(2);
