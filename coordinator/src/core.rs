@@ -728,7 +728,10 @@ impl Coordinator {
                         .map(|(name, ready, _)| (name.clone(), *ready)),
                 );
             }
-            if !active {
+            // A unit seen not active makes its node NotReady. An empty state is no
+            // observation: an agent that has not read its unit since an install began (it
+            // reads it again when the install ends) must not flip a Ready that a server saw.
+            if !active && !k3s.unit_state.is_empty() {
                 readiness.push((node.to_string(), false));
             }
             for (name, ready) in readiness {
