@@ -213,6 +213,9 @@ struct SessionEntry {
 /// Capacity of a session's outbound queue. Directives are rare; a full queue means the agent
 /// stopped reading, and the push reports that instead of blocking.
 const OUTBOUND_CAPACITY: usize = 32;
+/// Up to this many changed nodes (or an eighth of all) are read again one by one when
+/// listing; beyond it, all nodes are read in one query.
+const NODE_REFETCH_ONE_BY_ONE: usize = 64;
 /// Capacity of the live event fan-out; a watcher that falls further behind catches up from
 /// the database.
 const EVENT_FANOUT_CAPACITY: usize = 1024;
@@ -229,6 +232,8 @@ pub struct Coordinator {
     started_at_unix: i64,
     /// Directives whose answer someone awaits, by node and revision.
     pending: Mutex<HashMap<(String, u64), oneshot::Sender<Reply>>>,
+    /// Parsed nodes with the row version they were read at; see [`Coordinator::nodes`].
+    node_cache: Mutex<HashMap<String, (i64, NodeRecord)>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -255,6 +260,7 @@ impl Coordinator {
             shutdown,
             started_at_unix: now_unix(),
             pending: Mutex::new(HashMap::new()),
+            node_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -909,9 +915,45 @@ impl Coordinator {
         Ok((revoked, cut))
     }
 
-    /// All nodes as stored.
+    /// All nodes as stored, by name.
+    ///
+    /// Listing parses three JSON documents per node; at 10,000 nodes that was most of a
+    /// `ListNodes` call. So parsed nodes are kept with their row version (moved by triggers on
+    /// every change, whoever writes) and only nodes whose version moved are read again; when
+    /// many moved, all are read at once.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.store().nodes()
+        let mut cache = self.node_cache.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let store = self.store();
+            let versions = store.node_versions()?;
+            let stale: Vec<&str> = versions
+                .iter()
+                .filter(|(name, version)| cache.get(name).is_none_or(|(v, _)| v != version))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if stale.len() > NODE_REFETCH_ONE_BY_ONE.max(versions.len() / 8) {
+                *cache = store
+                    .nodes_versioned()?
+                    .into_iter()
+                    .map(|(version, node)| (node.name.clone(), (version, node)))
+                    .collect();
+            } else {
+                for name in stale {
+                    match store.node_versioned(name)? {
+                        Some((version, node)) => cache.insert(name.to_owned(), (version, node)),
+                        None => cache.remove(name),
+                    };
+                }
+                if cache.len() > versions.len() {
+                    let live: std::collections::HashSet<&str> =
+                        versions.iter().map(|(name, _)| name.as_str()).collect();
+                    cache.retain(|name, _| live.contains(name.as_str()));
+                }
+            }
+        }
+        let mut nodes: Vec<NodeRecord> = cache.values().map(|(_, node)| node.clone()).collect();
+        nodes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
     }
 
     /// Each desired node's role, by name.

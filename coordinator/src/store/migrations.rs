@@ -69,6 +69,18 @@ const MIGRATIONS: &[&str] = &[
     // hostname; these indexes keep that check from scanning all nodes.
     "CREATE INDEX nodes_machine_id ON nodes (json_extract(facts_json, '$.machine_id'));
     CREATE INDEX nodes_hostname ON nodes (json_extract(facts_json, '$.hostname'));",
+    // 4: a row version per node, bumped by triggers on every change to the node or to its
+    // certificates (whoever writes, this process or another), so a reader can keep parsed
+    // nodes and refetch only the ones whose version moved.
+    "ALTER TABLE nodes ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    CREATE TRIGGER nodes_version AFTER UPDATE ON nodes WHEN NEW.version = OLD.version
+    BEGIN UPDATE nodes SET version = OLD.version + 1 WHERE name = NEW.name; END;
+    CREATE TRIGGER certificates_insert_version AFTER INSERT ON certificates
+    BEGIN UPDATE nodes SET version = version + 1 WHERE name = NEW.node; END;
+    CREATE TRIGGER certificates_update_version AFTER UPDATE ON certificates
+    BEGIN UPDATE nodes SET version = version + 1 WHERE name = NEW.node; END;
+    CREATE TRIGGER certificates_delete_version AFTER DELETE ON certificates
+    BEGIN UPDATE nodes SET version = version + 1 WHERE name = OLD.node; END;",
 ];
 
 /// The schema version this build writes.

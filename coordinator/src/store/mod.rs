@@ -475,6 +475,43 @@ impl Store {
         row.map(NodeRow::into_record).transpose()
     }
 
+    /// Every node's name and row version, by name. The version moves on every change to
+    /// the node or its certificates (triggers of migration 4).
+    pub fn node_versions(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, version FROM nodes ORDER BY name")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One node with its row version, read together.
+    pub fn node_versioned(&self, name: &str) -> Result<Option<(i64, NodeRecord)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{NODE_SELECT} WHERE n.name = ?1"))?;
+        let row = stmt
+            .query_row([name], |r| Ok((r.get(11)?, node_from_row(r)?)))
+            .optional()?;
+        row.map(|(version, row)| Ok((version, row.into_record()?)))
+            .transpose()
+    }
+
+    /// All nodes with their row versions, by name.
+    pub fn nodes_versioned(&self) -> Result<Vec<(i64, NodeRecord)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{NODE_SELECT} ORDER BY n.name"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(11)?, node_from_row(r)?)))?
+            .collect::<Result<Vec<(i64, NodeRow)>, _>>()?;
+        rows.into_iter()
+            .map(|(version, row)| Ok((version, row.into_record()?)))
+            .collect()
+    }
+
     /// All nodes, by name.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let mut stmt = self
@@ -746,8 +783,10 @@ const TWIN_SELECT: &str = "SELECT name FROM nodes
         OR (?3 <> '' AND json_extract(facts_json, '$.hostname') = ?3))
     ORDER BY name LIMIT 1";
 
+/// Column 11 is the row version (see [`Store::node_versions`]).
 const NODE_SELECT: &str = "SELECT n.name, n.state, n.facts_json, n.created_at, n.enrolled_at,
-        n.last_seen, c.serial, c.not_after, n.last_phase_json, n.last_health_json, n.k3s_ready
+        n.last_seen, c.serial, c.not_after, n.last_phase_json, n.last_health_json, n.k3s_ready,
+        n.version
     FROM nodes n
     LEFT JOIN certificates c ON c.serial = (
         SELECT serial FROM certificates WHERE node = n.name ORDER BY issued_at DESC, rowid DESC LIMIT 1)";
@@ -823,6 +862,56 @@ mod tests {
             hostname: "k3s-control".into(),
             machine_id: "abc".into(),
             ..Facts::default()
+        }
+    }
+
+    fn version(store: &Store, name: &str) -> i64 {
+        let versions = store.node_versions().unwrap();
+        let (_, version) = versions.iter().find(|(n, _)| n == name).unwrap();
+        let (read, node) = store.node_versioned(name).unwrap().unwrap();
+        assert_eq!((read, node.name.as_str()), (*version, name));
+        *version
+    }
+
+    #[test]
+    fn a_node_version_moves_on_every_change_to_the_node_or_its_certificates_from_any_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("homelab.db");
+        let mut store = Store::open(&path).unwrap();
+        store.insert_token("h1", "k3s-control", 100, 200).unwrap();
+        store.insert_token("h2", "k3s-node-1", 100, 200).unwrap();
+        let mut last = version(&store, "k3s-control");
+        let mut moved = |store: &Store, what: &str| {
+            let now = version(store, "k3s-control");
+            assert!(now > last, "{what} did not move the version ({last} -> {now})");
+            last = now;
+        };
+        store
+            .complete_enrollment("h1", "k3s-control", &facts(), "01ab", 1000, 150)
+            .unwrap();
+        moved(&store, "enrollment");
+        let untouched = version(&store, "k3s-node-1");
+        store
+            .set_last_health("k3s-control", &HealthRecord::default(), 160)
+            .unwrap();
+        moved(&store, "a health report");
+        store
+            .set_last_phase("k3s-control", &PhaseRecord::default())
+            .unwrap();
+        moved(&store, "a phase report");
+        store
+            .insert_certificate("k3s-control", "02ab", 2000, 170)
+            .unwrap();
+        moved(&store, "a renewed certificate");
+        // Another connection to the same file (another `homelab` process) moves it too.
+        let mut other = Store::open(&path).unwrap();
+        other.touch_node("k3s-control", None, 180).unwrap();
+        moved(&store, "a write by another connection");
+        assert_eq!(version(&store, "k3s-node-1"), untouched);
+        // What nodes_versioned reads agrees with the single reads.
+        for (version, node) in store.nodes_versioned().unwrap() {
+            assert_eq!(store.node_versioned(&node.name).unwrap().unwrap().0, version);
+            assert_eq!(store.node(&node.name).unwrap().unwrap(), node);
         }
     }
 
