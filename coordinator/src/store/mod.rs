@@ -883,7 +883,10 @@ mod tests {
         let mut last = version(&store, "k3s-control");
         let mut moved = |store: &Store, what: &str| {
             let now = version(store, "k3s-control");
-            assert!(now > last, "{what} did not move the version ({last} -> {now})");
+            assert!(
+                now > last,
+                "{what} did not move the version ({last} -> {now})"
+            );
             last = now;
         };
         store
@@ -910,7 +913,10 @@ mod tests {
         assert_eq!(version(&store, "k3s-node-1"), untouched);
         // What nodes_versioned reads agrees with the single reads.
         for (version, node) in store.nodes_versioned().unwrap() {
-            assert_eq!(store.node_versioned(&node.name).unwrap().unwrap().0, version);
+            assert_eq!(
+                store.node_versioned(&node.name).unwrap().unwrap().0,
+                version
+            );
             assert_eq!(store.node(&node.name).unwrap().unwrap(), node);
         }
     }
