@@ -11,7 +11,7 @@
 //! 4. Every state change is written to the database before it is announced as an event.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -233,7 +233,7 @@ pub struct Coordinator {
     /// Directives whose answer someone awaits, by node and revision.
     pending: Mutex<HashMap<(String, u64), oneshot::Sender<Reply>>>,
     /// Parsed nodes with the row version they were read at; see [`Coordinator::nodes`].
-    node_cache: Mutex<HashMap<String, (i64, NodeRecord)>>,
+    node_cache: Mutex<BTreeMap<String, (i64, NodeRecord)>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -260,7 +260,7 @@ impl Coordinator {
             shutdown,
             started_at_unix: now_unix(),
             pending: Mutex::new(HashMap::new()),
-            node_cache: Mutex::new(HashMap::new()),
+            node_cache: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -562,12 +562,22 @@ impl Coordinator {
 
     /// Whether the node has a session now.
     pub fn is_connected(&self, node: &str) -> bool {
-        self.sessions().keys().any(|n| n.as_str() == node)
+        self.sessions().contains_key(node)
+    }
+
+    /// For each of `names`, whether it has a session now; one lock, no copies (a listing of
+    /// 10,000 nodes spent 4 ms building a set of names).
+    pub fn connected_among<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<bool> {
+        let sessions = self.sessions();
+        names.map(|name| sessions.contains_key(name)).collect()
     }
 
     /// Names of the nodes with a session now. A set: callers test membership for every node.
     pub fn connected_nodes(&self) -> HashSet<String> {
-        self.sessions().keys().map(|n| n.to_string()).collect()
+        self.sessions()
+            .keys()
+            .map(|n| n.as_str().to_owned())
+            .collect()
     }
 
     /// Pushes a directive to a connected node at once. A revision is allocated only when the
@@ -951,9 +961,8 @@ impl Coordinator {
                 }
             }
         }
-        let mut nodes: Vec<NodeRecord> = cache.values().map(|(_, node)| node.clone()).collect();
-        nodes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        Ok(nodes)
+        // A BTreeMap: already in name order.
+        Ok(cache.values().map(|(_, node)| node.clone()).collect())
     }
 
     /// Each desired node's role, by name.

@@ -76,6 +76,13 @@ pub enum PkiError {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeName(String);
 
+// Hash and Eq are the inner string's, so maps keyed by NodeName can be searched by `&str`.
+impl std::borrow::Borrow<str> for NodeName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl NodeName {
     /// Parses a node name: 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
     pub fn parse(name: &str) -> Result<Self, PkiError> {

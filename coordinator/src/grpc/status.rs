@@ -51,14 +51,15 @@ impl StatusApi for StatusService {
         &self,
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let connected = self.core.connected_nodes();
         let roles = self.core.roles()?;
-        let nodes = self
+        let nodes = self.core.nodes()?;
+        let connected = self
             .core
-            .nodes()?
+            .connected_among(nodes.iter().map(|n| n.name.as_str()));
+        let nodes = nodes
             .into_iter()
-            .map(|n| {
-                let is_connected = connected.contains(&n.name);
+            .zip(connected)
+            .map(|(n, is_connected)| {
                 let role = roles.get(&n.name).map(String::as_str);
                 node_to_pb(n, is_connected, role)
             })
