@@ -28,7 +28,7 @@ use std::{
 
 use common::{CoordinatorProcess, bin, testdata};
 
-/// How long two TCG VMs may take from power-on to a Ready cluster (measured: about 90 s).
+/// How long two TCG VMs may take from power-on to a Ready cluster (measured: 65-145 s).
 const READY_WITHIN: Duration = Duration::from_secs(540);
 /// The address the guests dial for the coordinator (10.0.2.2 is slirp's own gateway).
 const COORDINATOR_GUEST_ADDR: &str = "10.0.2.100";
