@@ -240,6 +240,24 @@ impl Cluster {
     /// Stops the daemon and checks what every healed test must show (see the module docs).
     /// `installs`: whether the nodes form a K3s cluster.
     fn check_healed(&mut self, installs: bool) {
+        if installs {
+            // A node can be Ready (a server sees it) before its agent has acknowledged the
+            // assignment re-sent when its link came back: wait for that acknowledgement.
+            poll(NOTICE, "every node acknowledging its assignment", || {
+                let store = self.coordinator.state.open_store().ok()?;
+                let events = store.events_after(0, None, 100_000).ok()?;
+                self.names
+                    .iter()
+                    .all(|name| {
+                        events.iter().any(|e| {
+                            e.node == *name
+                                && e.kind == "directive.acknowledged"
+                                && e.message.contains(" applied: ")
+                        })
+                    })
+                    .then_some(())
+            });
+        }
         self.coordinator.stop();
         let db = self.coordinator.state.root().join("homelab.db");
         let out = Command::new("sqlite3")
