@@ -28,7 +28,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use clap::Parser as _;
 use common::{channel_to, key_and_csr, wait_for};
 use homelab::{state_dir::StateDir, store::Store};
 use homelab_proto::v1::{
@@ -58,7 +57,7 @@ const MAX_LIST_BYTES: usize = 256 * 1024 * 1024;
 
 fn main() -> ExitCode {
     if std::env::var_os(COORDINATOR_ROLE).is_some() {
-        return run_coordinator();
+        return homelab::cli::main();
     }
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -67,23 +66,6 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     runtime.block_on(generate_load());
     ExitCode::SUCCESS
-}
-
-/// The child: what `coordinator/src/main.rs` does, with the arguments the parent passed.
-fn run_coordinator() -> ExitCode {
-    let cli = homelab::cli::Cli::parse();
-    homelab::cli::init_logging(cli.verbose, cli.draws_live_progress());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(cli.run()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// Each agent holds two sockets at most (enrollment, then its link) and the coordinator one

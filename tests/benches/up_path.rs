@@ -49,7 +49,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use clap::Parser as _;
 use homelab::{spec::EXAMPLE, state_dir::StateDir};
 use pve_sim::{SimConfig, TaskType, Timing, VmStatus};
 
@@ -70,7 +69,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(5);
 
 fn main() -> ExitCode {
     match std::env::var(ROLE).as_deref() {
-        Ok("homelab") => return run_homelab(),
+        Ok("homelab") => return homelab::cli::main(),
         Ok("agent") => return run_agent(),
         _ => {}
     }
@@ -117,23 +116,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The child playing `homelab`: what `coordinator/src/main.rs` does.
-fn run_homelab() -> ExitCode {
-    let cli = homelab::cli::Cli::parse();
-    homelab::cli::init_logging(cli.verbose, cli.draws_live_progress());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(cli.run()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// The child playing `homelab-agent` with the config file named by its first argument: what

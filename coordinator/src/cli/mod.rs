@@ -140,6 +140,32 @@ pub struct Context {
     pub output: OutputFormat,
 }
 
+/// The whole `homelab` program: parse the arguments, start logging and the async runtime, run
+/// the command, and turn its error into a message and an exit code. `main.rs` calls only this;
+/// the benchmarks call it too when they run a copy of themselves as `homelab`.
+pub fn main() -> std::process::ExitCode {
+    use clap::Parser as _;
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.draws_live_progress());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli.run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Starts logging to stderr. `HOMELAB_LOG` overrides the level chosen by `-v`. `quiet`
 /// (a live progress board owns the terminal) lowers the default to warnings.
 pub fn init_logging(verbose: u8, quiet: bool) {
