@@ -48,18 +48,8 @@ const HEAL: Duration = Duration::from_secs(60);
 
 /// Polls `check` every 200 ms (a CLI call is heavier than a file read) until it returns
 /// `Some`, or panics after `timeout` naming `what`.
-fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn poll<T>(timeout: Duration, what: &str, check: impl FnMut() -> Option<T>) -> T {
+    common::wait_for_every(Duration::from_millis(200), timeout, what, check)
 }
 
 fn now_unix() -> u64 {
